@@ -1,0 +1,164 @@
+"""Loading a model for serving: a local folder or a hub id, plain or 8-bit GPTQ, with an adapter.
+
+Every GPTQ and peft call made at serving time is in this module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from onegpu.engine.embedded import EMBEDDED_NAME, embedded_model_dir
+from onegpu.engine.generate import Engine
+from onegpu.engine.types import ModelInfo
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class ModelLoadError(RuntimeError):
+    """The model, its quantization or its adapter cannot be loaded as configured."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """What to load and where. `model=None` means the embedded default (SmolLM2-135M)."""
+
+    model: str | None = None
+    revision: str | None = None
+    adapter: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    gpu_memory_gib: float | None = None
+    max_context: int = 2048
+    default_stop: tuple[str, ...] = ("\n\n",)
+    trust_remote_code: bool = False
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} was asked for but CUDA is not available")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # fp16 is what the 8-bit GPTQ kernels are fastest with; the CPU computes in fp32.
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def cap_gpu_memory(device: torch.device, gib: float | None) -> None:
+    """Limit this process to `gib` of the GPU's memory (emulates a smaller card, e.g. 24 GB)."""
+    if gib is None or device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    fraction = min(1.0, gib / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    log.info("GPU memory capped at %.1f GiB of %.1f GiB (fraction %.3f)", gib, total, fraction)
+
+
+def read_quantization(model_dir: Path) -> dict | None:
+    """The `quantization_config` of a local checkpoint's config.json, if any."""
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        return None
+    return json.loads(config_file.read_text()).get("quantization_config")
+
+
+def _gptq_kwargs(quantization: dict, device: torch.device) -> dict:
+    """from_pretrained arguments for a GPTQ checkpoint: Marlin on CUDA, the torch kernel on CPU."""
+    from transformers import GPTQConfig
+
+    backend = "marlin" if device.type == "cuda" else "torch"
+    return {
+        "quantization_config": GPTQConfig(
+            bits=quantization["bits"],
+            group_size=quantization.get("group_size", 128),
+            backend=backend,
+        )
+    }
+
+
+def load_engine(config: EngineConfig) -> Engine:
+    """Load the configured model and tokenizer (and adapter) and wrap them in an Engine."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    cap_gpu_memory(device, config.gpu_memory_gib)
+
+    if config.model is None:
+        source: str | Path = embedded_model_dir()
+        name = EMBEDDED_NAME
+    else:
+        source, name = config.model, config.model
+    local = Path(source).is_dir()
+    quantization = read_quantization(Path(source)) if local else None
+    kwargs: dict = {"dtype": dtype, "device_map": {"": str(device)}}
+    if config.revision:
+        kwargs["revision"] = config.revision
+    if config.trust_remote_code:
+        log.warning("trust_remote_code is on: the model's own Python code will run")
+        kwargs["trust_remote_code"] = True
+    quant_label = None
+    if quantization and quantization.get("quant_method") == "gptq":
+        kwargs.update(_gptq_kwargs(quantization, device))
+        quant_label = f"gptq-{quantization.get('bits')}bit"
+
+    log.warning("loading model %s on %s (%s)", name, device, str(dtype).removeprefix("torch."))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=config.revision, trust_remote_code=config.trust_remote_code
+        )
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise ModelLoadError(f"cannot load model {name!r}: {exc}") from exc
+    if config.adapter:
+        model = _load_adapter(model, config.adapter)
+    model.eval()
+
+    max_context = config.max_context
+    model_limit = getattr(model.config, "max_position_embeddings", None)
+    if model_limit and model_limit < max_context:
+        log.warning(
+            "model supports %d positions: max_context lowered from %d", model_limit, max_context
+        )
+        max_context = model_limit
+    info = ModelInfo(
+        name=name,
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        max_context=max_context,
+        vocab_size=len(tokenizer),
+        quantization=quant_label,
+        adapter=config.adapter,
+    )
+    log.warning(
+        "model ready: %s (quantization=%s, adapter=%s, context=%d)",
+        name,
+        quant_label or "none",
+        config.adapter or "none",
+        max_context,
+    )
+    return Engine(model, tokenizer, info=info, default_stop=config.default_stop)
+
+
+def _load_adapter(model, adapter: str):
+    from peft import PeftModel
+
+    log.warning("loading adapter %s", adapter)
+    try:
+        return PeftModel.from_pretrained(model, adapter)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load adapter {adapter!r}: {exc}") from exc

@@ -1,0 +1,129 @@
+"""The FastAPI application: the challenge's endpoints over one engine worker.
+
+This module never imports torch: the engine is injected (tests) or built by a factory that is
+only imported inside the lifespan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.concurrency import run_in_threadpool
+
+from onegpu import __version__
+from onegpu.engine.types import EngineUnavailableError
+from onegpu.engine.worker import EngineWorker
+from onegpu.server import errors
+from onegpu.server.schemas import (
+    DecodeRequest,
+    DecodeResponse,
+    Health,
+    ProcessRequest,
+    ProcessResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from onegpu.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+
+def _default_factory(settings: ServeSettings) -> Callable[[], object]:
+    def build():
+        from onegpu.engine.loading import EngineConfig, load_engine
+
+        return load_engine(
+            EngineConfig(
+                model=settings.model or None,
+                revision=settings.revision,
+                adapter=settings.adapter,
+                device=settings.device,
+                dtype=settings.dtype,
+                gpu_memory_gib=settings.gpu_memory_gib,
+                max_context=settings.max_context,
+                default_stop=tuple(settings.default_stop),
+                trust_remote_code=settings.trust_remote_code,
+            )
+        )
+
+    return build
+
+
+def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
+    """Build the app. With `engine=None` the lifespan loads the model that `settings` names."""
+    settings = settings or ServeSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loaded = engine
+        if loaded is None:
+            loaded = await run_in_threadpool(_default_factory(settings))
+        app.state.worker = EngineWorker(loaded)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(app.state.worker.close)
+
+    app = FastAPI(
+        title="onegpu",
+        version=__version__,
+        summary="NeurIPS LLM Efficiency Challenge server: /process, /tokenize, /decode.",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+
+    def worker_of(request: Request) -> EngineWorker:
+        worker: EngineWorker | None = getattr(request.app.state, "worker", None)
+        if worker is None or not worker.alive:
+            raise EngineUnavailableError("the model is not loaded")
+        return worker
+
+    @app.post("/process", response_model=ProcessResponse)
+    async def process(body: ProcessRequest, request: Request) -> ProcessResponse:
+        """Complete `prompt`; returns text, per-token logprobs and their top alternatives."""
+        started = time.perf_counter()
+        future = worker_of(request).submit(body.to_engine())
+        completion = await asyncio.wrap_future(future)
+        return ProcessResponse.from_engine(completion, time.perf_counter() - started)
+
+    @app.post("/tokenize", response_model=TokenizeResponse)
+    async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+        """The ids `/process` feeds the model for `text`, truncated to `max_length` if asked."""
+        started = time.perf_counter()
+        engine_ = worker_of(request).engine
+        ids = await run_in_threadpool(
+            engine_.tokenize, body.text, truncation=body.truncation, max_length=body.max_length
+        )
+        return TokenizeResponse(tokens=ids, request_time=time.perf_counter() - started)
+
+    @app.post("/decode", response_model=DecodeResponse)
+    async def decode(body: DecodeRequest, request: Request) -> DecodeResponse:
+        """Text for token ids, special tokens skipped."""
+        started = time.perf_counter()
+        text = await run_in_threadpool(worker_of(request).engine.decode, body.tokens)
+        return DecodeResponse(text=text, request_time=time.perf_counter() - started)
+
+    @app.get("/health", response_model=Health)
+    async def health(request: Request, response: Response) -> Health:
+        """Readiness: 200 once the model is loaded and the engine thread runs, else 503."""
+        worker: EngineWorker | None = getattr(request.app.state, "worker", None)
+        if worker is None or not worker.alive:
+            response.status_code = 503
+            return Health(status="unavailable")
+        info = worker.engine.info
+        return Health(
+            status="ready",
+            model=info.name,
+            device=info.device,
+            quantization=info.quantization,
+            adapter=info.adapter,
+            max_context=info.max_context,
+            queued=worker.queued,
+        )
+
+    return app

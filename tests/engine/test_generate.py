@@ -1,0 +1,135 @@
+"""Generation semantics on a tiny random Qwen2 with the real Qwen tokenizer, on every device."""
+
+import math
+
+import pytest
+import torch
+
+from onegpu.engine.types import ContextWindowError, GenerationRequest
+from tests.conftest import DEVICES, make_engine
+
+PROMPT = "The quick brown fox jumps over the lazy dog. Answer:"
+
+
+@pytest.fixture(params=DEVICES)
+def engine(request, tiny_qwen_model, qwen_tokenizer):
+    # No default cut: a random model emits blank lines at random, and these tests want length.
+    return make_engine(tiny_qwen_model, qwen_tokenizer, device=request.param, default_stop=())
+
+
+def greedy(**kwargs) -> GenerationRequest:
+    return GenerationRequest(prompt=kwargs.pop("prompt", PROMPT), temperature=1e-7, **kwargs)
+
+
+def full_forward_logprobs(engine, ids: list[int]) -> torch.Tensor:
+    """log-softmax over one uncached forward pass of `ids`: [T, V]."""
+    with torch.inference_mode():
+        logits = engine.model(input_ids=torch.tensor([ids], device=engine.device)).logits[0]
+    return torch.log_softmax(logits.float(), -1).cpu()
+
+
+def test_greedy_is_deterministic(engine):
+    first = engine.generate(greedy(max_new_tokens=12))
+    second = engine.generate(greedy(max_new_tokens=12))
+    assert first.token_ids == second.token_ids
+    assert [t.logprob for t in first.tokens] == [t.logprob for t in second.tokens]
+    assert first.new_tokens == 12 and first.finish_reason == "length"
+
+
+def test_seed_reproduces_samples_and_different_seeds_differ(engine):
+    def sample(seed):
+        request = GenerationRequest(
+            prompt=PROMPT, max_new_tokens=16, temperature=1.0, top_k=0, seed=seed
+        )
+        return engine.generate(request).token_ids
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+
+def test_cached_decoding_matches_one_full_forward(engine):
+    completion = engine.generate(greedy(max_new_tokens=10, top_k_per_token=3))
+    prompt_ids = engine.tokenize(PROMPT)
+    ids = prompt_ids + completion.token_ids
+    reference = full_forward_logprobs(engine, ids)
+    for step, (token, info) in enumerate(zip(completion.token_ids, completion.tokens, strict=True)):
+        position = len(prompt_ids) - 1 + step
+        assert math.isclose(info.logprob, float(reference[position, token]), abs_tol=2e-3)
+        # Greedy picks the most likely token, so it leads its own top list.
+        assert max(info.top_logprob.values()) == pytest.approx(info.logprob, abs=1e-6)
+        assert len(info.top_logprob) <= 3
+
+
+def test_echo_scores_token_t_with_the_logits_at_t_minus_1(engine):
+    completion = engine.generate(greedy(max_new_tokens=0, echo_prompt=True, top_k_per_token=2))
+    ids = engine.tokenize(PROMPT)
+    reference = full_forward_logprobs(engine, ids)
+    assert completion.text == PROMPT
+    assert len(completion.tokens) == len(ids)
+    assert completion.tokens[0].logprob == 0.0 and completion.tokens[0].top_logprob == {}
+    for t in range(1, len(ids)):
+        assert math.isclose(
+            completion.tokens[t].logprob, float(reference[t - 1, ids[t]]), abs_tol=2e-3
+        )
+    assert completion.logprob == pytest.approx(sum(t.logprob for t in completion.tokens))
+    assert completion.finish_reason == "prompt_only"
+
+
+def test_echo_with_generation_returns_prompt_then_completion(engine):
+    plain = engine.generate(greedy(max_new_tokens=5))
+    echoed = engine.generate(greedy(max_new_tokens=5, echo_prompt=True))
+    assert echoed.text == PROMPT + plain.text
+    assert echoed.tokens[-len(plain.tokens) :] == plain.tokens
+
+
+def test_all_values_finite_and_text_matches_tokens(engine):
+    request = GenerationRequest(
+        prompt=PROMPT, max_new_tokens=20, temperature=0.7, top_p=0.9, top_k_per_token=5, seed=1
+    )
+    completion = engine.generate(request)
+    values = [completion.logprob] + [t.logprob for t in completion.tokens]
+    values += [v for t in completion.tokens for v in t.top_logprob.values()]
+    assert all(math.isfinite(v) for v in values)
+    assert completion.text == "".join(t.text for t in completion.tokens)
+    assert completion.logprob == pytest.approx(sum(t.logprob for t in completion.tokens))
+
+
+def test_prompt_plus_new_tokens_over_the_window_is_refused(tiny_qwen_model, qwen_tokenizer):
+    engine = make_engine(tiny_qwen_model, qwen_tokenizer, max_context=16)
+    prompt_len = len(engine.tokenize(PROMPT))
+    engine.generate(greedy(max_new_tokens=16 - prompt_len))  # exactly fits
+    with pytest.raises(ContextWindowError, match="exceed the context window of 16"):
+        engine.generate(greedy(max_new_tokens=17 - prompt_len))
+
+
+def test_empty_prompt_still_generates(engine):
+    completion = engine.generate(greedy(prompt="", max_new_tokens=3))
+    assert completion.new_tokens == 3 and completion.prompt_tokens == 0
+
+
+@pytest.mark.parametrize(("min_new_tokens", "expected_tokens"), [(0, 0), (1, 1), (3, 3)])
+def test_min_new_tokens_forbids_end_of_text(qwen_tokenizer, min_new_tokens, expected_tokens):
+    """A model that always prefers end-of-text (the base-model 'Answer:' failure of 2023)."""
+    model = _eos_loving_model(qwen_tokenizer)
+    engine = make_engine(model, qwen_tokenizer)
+    completion = engine.generate(greedy(max_new_tokens=5, min_new_tokens=min_new_tokens))
+    assert completion.new_tokens == expected_tokens
+    assert completion.finish_reason == "eos"
+    # The reported logprob is the model's own: end-of-text took almost all the mass.
+    assert all(t.logprob < -10 for t in completion.tokens)
+
+
+def _eos_loving_model(tokenizer):
+    from tests.engine.conftest import ScriptedLM
+
+    second_best = tokenizer.encode(" C")[0]
+    model = ScriptedLM([151643] * 8, vocab_size=len(tokenizer), eos_id=151643, margin=20.0)
+    original = model.forward
+
+    def forward(*args, **kwargs):
+        out = original(*args, **kwargs)
+        out.logits[..., second_best] = 5.0
+        return out
+
+    model.forward = forward
+    return model
