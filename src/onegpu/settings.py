@@ -29,4 +29,12 @@ class ServeSettings(BaseSettings):
         description="cut applied when a request asks for >1 token and gives no stop_sequences",
     )
     trust_remote_code: bool = Field(False, description="run the model repository's own code")
+    max_queue: int = Field(256, ge=1, description="requests allowed to wait; more get 503")
+    request_timeout_s: float = Field(
+        1800, gt=0, description="a request still unanswered after this gets 503 and is dropped"
+    )
+    max_body_bytes: int = Field(4 * 2**20, ge=1024, description="larger bodies get 413")
+    shutdown_grace_s: float = Field(
+        60, ge=0, description="on SIGTERM, how long in-flight requests get to finish"
+    )
     log_level: str = "INFO"

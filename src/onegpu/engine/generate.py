@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -22,9 +22,12 @@ from onegpu.engine.stopping import StopMatcher, cut_pieces
 from onegpu.engine.types import (
     Completion,
     ContextWindowError,
+    EngineFatalError,
+    EngineOverloadedError,
     GenerationRequest,
     InvalidRequestError,
     ModelInfo,
+    RequestCancelledError,
     TokenInfo,
 )
 
@@ -55,6 +58,7 @@ class _Sequence:
     text: str = ""
     finish_reason: str | None = None
     stop_at: int | None = None
+    first_token_at: float | None = None
 
     @property
     def done(self) -> bool:
@@ -83,6 +87,7 @@ class Engine:
         self.eos_ids = _eos_ids(model, tokenizer)
         self._tokenizer_lock = threading.Lock()
         self._token_text = lru_cache(maxsize=65536)(self._decode_one)
+        self.oom_count = 0
 
     # -- text <-> ids ---------------------------------------------------------------------------
 
@@ -124,9 +129,43 @@ class Engine:
 
     # -- generation -----------------------------------------------------------------------------
 
+    def generate(
+        self, request: GenerationRequest, *, cancelled: Callable[[], bool] | None = None
+    ) -> Completion:
+        """Run one request to completion; InvalidRequestError if it cannot be served.
+
+        `cancelled` is polled between decode steps: when it returns True the request stops with
+        RequestCancelledError. A GPU out-of-memory error frees the cache and becomes
+        EngineOverloadedError, so the next request starts clean.
+        """
+        try:
+            return self._generate(request, cancelled or (lambda: False))
+        except torch.cuda.OutOfMemoryError as exc:
+            self.oom_count += 1
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.warning("GPU out of memory (%d so far): %s", self.oom_count, exc)
+            raise EngineOverloadedError(
+                "the GPU ran out of memory for this request; retry later or shorten it"
+            ) from None
+        except RuntimeError as exc:
+            # CUDA faults (device asserts, illegal accesses) poison the context for good.
+            if "CUDA error" in str(exc) or "CUBLAS_STATUS" in str(exc):
+                raise EngineFatalError(f"the GPU failed: {exc}") from exc
+            raise
+
+    def memory(self) -> dict[str, int]:
+        """GPU memory in bytes (allocated now, peak, reserved); empty on the CPU."""
+        if self.device.type != "cuda":
+            return {}
+        return {
+            "allocated": torch.cuda.memory_allocated(self.device),
+            "peak": torch.cuda.max_memory_allocated(self.device),
+            "reserved": torch.cuda.memory_reserved(self.device),
+        }
+
     @torch.inference_mode()
-    def generate(self, request: GenerationRequest) -> Completion:
-        """Run one request to completion; InvalidRequestError if it cannot be served."""
+    def _generate(self, request: GenerationRequest, cancelled: Callable[[], bool]) -> Completion:
         started = time.perf_counter()
         prompt_ids = self.tokenize(request.prompt)
         prompt_len = len(prompt_ids)
@@ -144,7 +183,7 @@ class Engine:
         )
         echoed = (
             self._score_prompt(prompt_ids, out.logits[0], request.top_k_per_token)
-            if (request.echo_prompt)
+            if request.echo_prompt
             else []
         )
 
@@ -155,8 +194,12 @@ class Engine:
         logits = out.logits[0, -1]  # [V]
         while not seq.done:
             token_id = self._step(seq, logits)
+            if seq.first_token_at is None:
+                seq.first_token_at = time.perf_counter()
             if seq.done:
                 break
+            if cancelled():
+                raise RequestCancelledError("the request was cancelled")
             out = self.model(
                 input_ids=torch.tensor([[token_id]], device=self.device),
                 past_key_values=cache,
@@ -236,6 +279,9 @@ class Engine:
             new_tokens=len(seq.scored),
             finish_reason=seq.finish_reason or "length",
             seconds=seconds,
+            first_token_seconds=(
+                seq.first_token_at - started if seq.first_token_at is not None else None
+            ),
             token_ids=[s.token_id for s in seq.scored[: len(generated)]],
         )
         log.info(

@@ -55,6 +55,7 @@ class Completion:
     new_tokens: int
     finish_reason: str  # "length" | "stop" | "eos" | "prompt_only"
     seconds: float = 0.0
+    first_token_seconds: float | None = None
     token_ids: list[int] = field(default_factory=list)
 
 
@@ -95,3 +96,19 @@ class ContextWindowError(InvalidRequestError):
 
 class EngineUnavailableError(EngineError):
     """The engine cannot take work right now (not loaded, shutting down, failed; maps to 503)."""
+
+
+class EngineInternalError(EngineError):
+    """A bug met while serving one request; the engine goes on with the next (maps to 500)."""
+
+
+class EngineFatalError(EngineUnavailableError):
+    """The device or model is broken (e.g. a CUDA fault); the server must be restarted (503)."""
+
+
+class EngineOverloadedError(EngineUnavailableError):
+    """The engine ran out of a resource (GPU memory, queue slots) for this request (maps to 503)."""
+
+
+class RequestCancelledError(EngineError):
+    """The caller gave up on the request (client gone, or its deadline passed)."""

@@ -8,7 +8,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from onegpu.engine.types import EngineUnavailableError, InvalidRequestError
+from onegpu.engine.types import (
+    EngineInternalError,
+    EngineUnavailableError,
+    InvalidRequestError,
+    RequestCancelledError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +36,15 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(InvalidRequestError)
     async def _invalid(_: Request, exc: InvalidRequestError) -> JSONResponse:
         return JSONResponse(status_code=400, content={"detail": str(exc)})
+
+    @app.exception_handler(EngineInternalError)
+    async def _internal(_: Request, exc: EngineInternalError) -> JSONResponse:
+        return JSONResponse(status_code=500, content={"detail": str(exc)})
+
+    @app.exception_handler(RequestCancelledError)
+    async def _cancelled(_: Request, exc: RequestCancelledError) -> JSONResponse:
+        # 499 (client closed request): nobody reads it, but the access log shows what happened.
+        return JSONResponse(status_code=499, content={"detail": str(exc)})
 
     @app.exception_handler(EngineUnavailableError)
     async def _unavailable(_: Request, exc: EngineUnavailableError) -> JSONResponse:

@@ -7,10 +7,20 @@ Conversion to and from the engine's dataclasses happens here and nowhere else.
 from __future__ import annotations
 
 import logging
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from onegpu.engine.types import Completion, GenerationRequest
+from onegpu.server.limits import (
+    MAX_DECODE_TOKENS,
+    MAX_NEW_TOKENS,
+    MAX_PROMPT_CHARS,
+    MAX_STOP_CHARS,
+    MAX_STOP_SEQUENCES,
+    MAX_TOKENIZE_CHARS,
+    MAX_TOP_K_PER_TOKEN,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,19 +38,24 @@ class _Request(BaseModel):
 
 
 class ProcessRequest(_Request):
-    prompt: str
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
     num_samples: int = Field(1, ge=1, le=1, description="only 1 is supported")
     num_return_sequences: int | None = Field(None, ge=1, le=1, description="HELM's name; 1 only")
-    max_new_tokens: int = Field(50, ge=0)
+    max_new_tokens: int = Field(50, ge=0, le=MAX_NEW_TOKENS)
     top_k: int = Field(200, ge=0, description="sampling cut-off; 0 disables")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     temperature: float = Field(0.8, ge=0.0, description="<= 1e-5 (HELM's 1e-7) means greedy")
     seed: int | None = None
     echo_prompt: bool = False
     top_k_per_token: int = Field(
-        1, ge=1, le=100, description="alternatives reported per token (not a sampling cut-off)"
+        1,
+        ge=1,
+        le=MAX_TOP_K_PER_TOKEN,
+        description="alternatives reported per token (not a sampling cut-off)",
     )
-    stop_sequences: list[str] = Field(default_factory=list)
+    stop_sequences: list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_STOP_SEQUENCES
+    )
 
     def to_engine(self) -> GenerationRequest:
         return GenerationRequest(
@@ -82,7 +97,7 @@ class ProcessResponse(BaseModel):
 
 
 class TokenizeRequest(_Request):
-    text: str
+    text: str = Field(max_length=MAX_TOKENIZE_CHARS)
     truncation: bool = True
     max_length: int = Field(2048, ge=1)
 
@@ -93,7 +108,7 @@ class TokenizeResponse(BaseModel):
 
 
 class DecodeRequest(_Request):
-    tokens: list[int]
+    tokens: list[int] = Field(max_length=MAX_DECODE_TOKENS)
 
 
 class DecodeResponse(BaseModel):
