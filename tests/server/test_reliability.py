@@ -136,9 +136,9 @@ def test_cancelled_generation_stops_between_steps(slow_engine):
 
 def test_full_queue_is_503_with_retry_after(slow_engine):
     body = {"prompt": "hi", "max_new_tokens": 3, "temperature": 0}
-    with live_server(create_app(ServeSettings(max_queue=1), engine=slow_engine)) as url:
-        with ThreadPoolExecutor(6) as pool, httpx.Client(base_url=url, timeout=60) as client:
-            answers = list(pool.map(lambda _: client.post("/process", json=body), range(6)))
+    app = create_app(ServeSettings(max_queue=1), engine=slow_engine)
+    with live_server(app) as url, ThreadPoolExecutor(6) as pool, httpx.Client(timeout=60) as client:
+        answers = list(pool.map(lambda _: client.post(f"{url}/process", json=body), range(6)))
     codes = sorted(a.status_code for a in answers)
     assert 200 in codes and 503 in codes, codes
     refused = next(a for a in answers if a.status_code == 503)
