@@ -38,14 +38,13 @@ class ScriptedLM(torch.nn.Module):
         if past_key_values is None:
             self.prompt_len = input_ids.shape[1]
         length = seen + input_ids.shape[1]
-        positions = range(seen, length)
-        logits = torch.zeros(1, input_ids.shape[1], self.vocab_size)
-        for row, position in enumerate(positions):
+        # Only the kept positions get logits ([1, kept, V]), as in transformers.
+        first = length - logits_to_keep if logits_to_keep else seen
+        logits = torch.zeros(1, length - first, self.vocab_size)
+        for row, position in enumerate(range(first, length)):
             step = position - self.prompt_len + 1  # index of the token this position predicts
             target = self.script[step] if 0 <= step < len(self.script) else self.config.eos_token_id
             logits[0, row, target] = self.margin
-        if logits_to_keep:
-            logits = logits[:, -logits_to_keep:]
         return SimpleNamespace(logits=logits, past_key_values=_Cache(length))
 
 

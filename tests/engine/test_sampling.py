@@ -79,3 +79,14 @@ def test_same_seed_same_samples_and_frequencies_follow_probabilities():
     assert first == draws(123)
     assert first != draws(124)
     assert math.isclose(first.count(0) / len(first), 0.9, abs_tol=0.03)
+
+
+@pytest.mark.parametrize("temperature", [1e4, 1e39, 1e300, 1.7976931348623157e308])
+def test_huge_temperatures_with_suppressed_tokens_stay_samplable(temperature):
+    logits = suppress(torch.tensor([8.0, 0.0, 0.0, 0.0]), [0])
+    g = torch.Generator().manual_seed(0)
+    picks = {
+        choose_token(logits, temperature=temperature, top_k=0, top_p=1.0, generator=g)
+        for _ in range(40)
+    }
+    assert picks == {1, 2, 3}  # uniform over the rest, never the suppressed token

@@ -11,6 +11,10 @@ import torch
 
 from onegpu.engine.types import GREEDY_TEMPERATURE
 
+# Above this, sampling is already uniform over the surviving tokens; a larger divisor would
+# overflow float32 to inf, and -inf (a suppressed token) / inf is NaN.
+MAX_TEMPERATURE = 1e4
+
 
 def suppress(logits: torch.Tensor, token_ids: Iterable[int]) -> torch.Tensor:
     """`logits` [V] with `token_ids` made impossible (end-of-text before min_new_tokens)."""
@@ -28,7 +32,7 @@ def warp(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float) 
     `top_k <= 0` or `>= V` and `top_p >= 1` disable their filter. At least one token always
     survives, so the result can be sampled from.
     """
-    scores = logits.float() / temperature  # [V]
+    scores = logits.float() / min(temperature, MAX_TEMPERATURE)  # [V]
     vocab = scores.shape[-1]
     if 0 < top_k < vocab:
         kth = torch.topk(scores, top_k).values[-1]
