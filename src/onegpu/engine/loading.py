@@ -62,9 +62,10 @@ def cap_gpu_memory(device: torch.device, gib: float | None) -> None:
     """Limit this process to `gib` of the GPU's memory (emulates a smaller card, e.g. 24 GB)."""
     if gib is None or device.type != "cuda":
         return
-    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory / 2**30
     fraction = min(1.0, gib / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
     log.info("GPU memory capped at %.1f GiB of %.1f GiB (fraction %.3f)", gib, total, fraction)
 
 
