@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_14b import QWEN_14B, TINY, WORDS, make_tokenizer  # noqa: E402
+from train_14b import QWEN_14B, TINY, WORDS, linear_shapes, make_tokenizer  # noqa: E402
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -60,17 +60,8 @@ def _dir_bytes(folder: Path) -> int:
 
 
 def _weight_shapes(shape: dict) -> dict[str, tuple[int, int]]:
-    h, m = shape["hidden_size"], shape["intermediate_size"]
-    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
-    return {
-        "q_proj": (h, h),
-        "k_proj": (kv, h),
-        "v_proj": (kv, h),
-        "o_proj": (h, h),
-        "gate_proj": (m, h),
-        "up_proj": (m, h),
-        "down_proj": (h, m),
-    }  # nn.Linear weight: (out_features, in_features)
+    """nn.Linear weight shapes, (out_features, in_features), of each projection."""
+    return {name: (n_out, n_in) for name, (n_in, n_out) in linear_shapes(shape).items()}
 
 
 def build_bf16_checkpoint(folder: Path, shape: dict, tokenizer, device: torch.device) -> Path:

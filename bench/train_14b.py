@@ -64,7 +64,7 @@ WORDS = _COMMON.split()
 # -- the checkpoint -----------------------------------------------------------------------------
 
 
-def _linear_shapes(shape: dict) -> dict[str, tuple[int, int]]:
+def linear_shapes(shape: dict) -> dict[str, tuple[int, int]]:
     h, m = shape["hidden_size"], shape["intermediate_size"]
     kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
     return {
@@ -113,7 +113,7 @@ def build_checkpoint(folder: Path, shape: dict, tokenizer) -> Path:
             "model.norm.weight": torch.ones(h, dtype=torch.float16),
         },
     )
-    shapes = _linear_shapes(shape)
+    shapes = linear_shapes(shape)
     for i in range(shape["num_hidden_layers"]):
         tensors = {
             f"model.layers.{i}.input_layernorm.weight": torch.ones(h, dtype=torch.float16),

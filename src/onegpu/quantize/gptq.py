@@ -20,8 +20,6 @@ import gc
 import json
 import logging
 import os
-import platform
-import resource
 import shutil
 import tempfile
 import time
@@ -29,12 +27,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from onegpu.provenance import library_versions, peak_rss_bytes
 from onegpu.quantize.calibration import (
     WIKITEXT2,
     CalibrationSource,
@@ -207,21 +205,6 @@ def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    out["cuda"] = torch.version.cuda
-    return out
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _eval_ids(tokenizer: Any, source: str | Path) -> tuple[torch.Tensor, CalibrationSource]:
@@ -450,7 +433,7 @@ def quantize(
                 "seq_len": seq_len,
                 "seed": seed,
             },
-            "libraries": _versions(),
+            "libraries": library_versions(LIBRARIES),
             "timings_s": {name: p.seconds for name, p in report.phases.items()}
             | {"total": round(time.perf_counter() - started, 3)},
             "memory": {
@@ -460,7 +443,7 @@ def quantize(
                     if p.peak_gpu_bytes is not None
                 }
                 or None,
-                "peak_host_rss_bytes": _peak_rss_bytes(),
+                "peak_host_rss_bytes": peak_rss_bytes(),
             },
             "perplexity": None
             if after is None

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import platform
-import resource
 import shutil
 import time
 from collections import Counter
@@ -14,13 +12,13 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from functools import lru_cache
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from onegpu.provenance import library_versions, peak_rss_bytes
 from onegpu.train import model as tm
 from onegpu.train.batching import make_batches
 from onegpu.train.format import TEMPLATES, special_prefix, tokenize
@@ -259,12 +257,12 @@ def train(
             "resumed_from_step": history.resumed_from,
             "gpu_memory_gib": gpu_memory_gib,
         },
-        "libraries": _versions(),
+        "libraries": library_versions(LIBRARIES),
         "timings_s": {k: round(v, 3) for k, v in timings.items()}
         | {"total": round(time.perf_counter() - started, 3)},
         "memory": {
             "peak_gpu_bytes": history.peak_gpu_bytes,
-            "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_host_rss_bytes": peak_rss_bytes(),
         },
         "losses": {"train": history.train, "eval": history.eval},
         "merged": None,
@@ -321,19 +319,6 @@ def _quantized_from(model: str | Path) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError):
         return None
     return {"base_model": info.get("base_model"), "quantization": info.get("quantization")}
-
-
-def _versions() -> dict[str, str | None]:
-    import torch
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    out["cuda"] = torch.version.cuda
-    return out
 
 
 def _write_record(output: Path, record: dict[str, Any]) -> None:
