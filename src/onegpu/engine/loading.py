@@ -77,6 +77,21 @@ def read_quantization(model_dir: Path) -> dict | None:
     return json.loads(config_file.read_text()).get("quantization_config")
 
 
+def check_quantization(quantization: dict) -> None:
+    """Refuse quantization metadata this server cannot serve, naming what is wrong."""
+    method = quantization.get("quant_method")
+    if method != "gptq":
+        raise ModelLoadError(
+            f"incompatible quantization metadata in config.json: quant_method={method!r} "
+            "(this server loads GPTQ checkpoints, e.g. from `onegpu quantize`)"
+        )
+    if quantization.get("bits") not in (4, 8):
+        raise ModelLoadError(
+            "incompatible quantization metadata in config.json: "
+            f"GPTQ bits={quantization.get('bits')!r} (4 or 8 expected)"
+        )
+
+
 def _gptq_kwargs(quantization: dict, device: torch.device) -> dict:
     """from_pretrained arguments for a GPTQ checkpoint: Marlin on CUDA, the torch kernel on CPU."""
     from transformers import GPTQConfig
@@ -113,9 +128,10 @@ def load_engine(config: EngineConfig) -> Engine:
         log.warning("trust_remote_code is on: the model's own Python code will run")
         kwargs["trust_remote_code"] = True
     quant_label = None
-    if quantization and quantization.get("quant_method") == "gptq":
+    if quantization:
+        check_quantization(quantization)
         kwargs.update(_gptq_kwargs(quantization, device))
-        quant_label = f"gptq-{quantization.get('bits')}bit"
+        quant_label = f"gptq-{quantization['bits']}bit"
 
     log.warning("loading model %s on %s (%s)", name, device, str(dtype).removeprefix("torch."))
     try:
