@@ -1,0 +1,223 @@
+"""Load test: N concurrent clients with HELM-shaped requests for a fixed time, on loopback only.
+
+    python bench/load.py --minutes 3                       # starts `onegpu serve` (embedded model)
+    python bench/load.py --base-url http://127.0.0.1:8080  # an already running server
+
+Every client loops over a mix of request shapes (1-token multiple choice with 5 alternatives,
+64 tokens with no stop, a "\\n\\n" stop, sampling at temperature 0.3 with a seed, echo with no new
+tokens). Greedy and seeded requests are deterministic, so each answer is compared with the first
+answer seen for the same body: a difference means outputs were mixed up. The server's resident
+memory is sampled every few seconds (when this script started it). Prints a table last and writes
+load.json to --out. Bounded in time and count; it only talks to the URL it is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+QUESTIONS = [
+    "Which planet is known as the red planet?",
+    "What is the boiling point of water at sea level in Celsius?",
+    "Who wrote the play Romeo and Juliet?",
+    "What is the largest ocean on Earth?",
+    "How many legs does a spider have?",
+    "What gas do plants absorb from the air?",
+]
+
+
+def bodies() -> list[dict]:
+    """The request shapes HELM sends in the challenge's tasks (all keys present, as HELM does)."""
+    base = {
+        "temperature": 1e-7,
+        "num_return_sequences": 1,
+        "top_p": 1,
+        "echo_prompt": False,
+        "top_k_per_token": 1,
+        "stop_sequences": [],
+    }
+    out = []
+    for i, q in enumerate(QUESTIONS):
+        mc = f"Question: {q}\nA. one\nB. two\nC. three\nD. four\nAnswer:"
+        out.append({**base, "prompt": mc, "max_new_tokens": 1, "top_k_per_token": 5})
+        out.append({**base, "prompt": f"Q: {q}\nA:", "max_new_tokens": 64})
+        out.append(
+            {**base, "prompt": f"Q: {q}\nA:", "max_new_tokens": 40, "stop_sequences": ["\n\n"]}
+        )
+        out.append(
+            {
+                **base,
+                "prompt": f"Summarize: {q}\n###\n",
+                "max_new_tokens": 24,
+                "temperature": 0.3,
+                "seed": i,
+                "stop_sequences": ["###"],
+            }
+        )
+        out.append({**base, "prompt": q, "max_new_tokens": 0, "echo_prompt": True})
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_bytes(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def wait_ready(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise SystemExit(f"the server at {url} did not become ready in {timeout:.0f} s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base-url", help="a running server (default: start one here)")
+    parser.add_argument("--clients", type=int, default=30)
+    parser.add_argument("--minutes", type=float, default=3.0)
+    parser.add_argument("--max-requests", type=int, default=100_000)
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    args = parser.parse_args()
+
+    server = None
+    url = args.base_url
+    if url is None:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "onegpu.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "WARNING",
+            ],
+            start_new_session=True,
+        )
+    try:
+        wait_ready(url, timeout=900)
+        return run(url, server, args)
+    finally:
+        if server is not None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(60)
+
+
+def run(url: str, server: subprocess.Popen | None, args: argparse.Namespace) -> int:
+    mix = bodies()
+    lock = threading.Lock()
+    first: dict[int, tuple] = {}
+    latencies: list[float] = []
+    outcomes: dict[str, int] = {}
+    mixed: list[int] = []
+    memory: list[int] = []
+    stop_at = time.monotonic() + args.minutes * 60
+    count = 0
+
+    def client(seed: int) -> None:
+        nonlocal count
+        rng = random.Random(seed)
+        with httpx.Client(base_url=url, timeout=600) as http:
+            while time.monotonic() < stop_at:
+                with lock:
+                    if count >= args.max_requests:
+                        return
+                    count += 1
+                index = rng.randrange(len(mix))
+                started = time.perf_counter()
+                try:
+                    response = http.post("/process", json=mix[index])
+                    outcome = str(response.status_code)
+                except httpx.HTTPError as exc:
+                    response, outcome = None, type(exc).__name__
+                seconds = time.perf_counter() - started
+                with lock:
+                    outcomes[outcome] = outcomes.get(outcome, 0) + 1
+                    if response is not None and response.status_code == 200:
+                        latencies.append(seconds)
+                        body = response.json()
+                        key = (body["text"], tuple(t["logprob"] for t in body["tokens"]))
+                        if index not in first:
+                            first[index] = key
+                        elif first[index][0] != key[0] or any(
+                            abs(a - b) > 1e-3 for a, b in zip(first[index][1], key[1], strict=False)
+                        ):
+                            mixed.append(index)
+
+    def sample_memory() -> None:
+        while time.monotonic() < stop_at and server is not None:
+            if (rss := rss_bytes(server.pid)) is not None:
+                memory.append(rss)
+            time.sleep(5)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
+    threads.append(threading.Thread(target=sample_memory, daemon=True))
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads[:-1]:
+        t.join()
+    elapsed = time.monotonic() - started
+    ok = outcomes.get("200", 0)
+    failures = sum(n for k, n in outcomes.items() if k != "200")
+    result = {
+        "url": url,
+        "clients": args.clients,
+        "seconds": elapsed,
+        "requests": sum(outcomes.values()),
+        "outcomes": outcomes,
+        "failures": failures,
+        "mixed_up": len(mixed),
+        "requests_per_s": ok / elapsed,
+        "p50_s": statistics.median(latencies) if latencies else None,
+        "p95_s": statistics.quantiles(latencies, n=20)[-1] if len(latencies) >= 20 else None,
+        "rss_first_mib": memory[0] / 2**20 if memory else None,
+        "rss_last_mib": memory[-1] / 2**20 if memory else None,
+        "rss_max_mib": max(memory) / 2**20 if memory else None,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "load.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    print(
+        f"\n{result['requests']} requests from {args.clients} clients in {elapsed:.0f} s: "
+        f"{failures} failed, {len(mixed)} mixed up, {result['requests_per_s']:.2f} req/s"
+    )
+    return 1 if failures or mixed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
