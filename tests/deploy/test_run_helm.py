@@ -24,7 +24,6 @@ from tests.live import live_server
 
 CONFS = REPO / "helm_config" / "run_entries"
 # The organisers' confs (read-only reference data beside the repository; absent in a fresh clone).
-REFERENCE = REPO.parent / "shared" / "reference" / "challenge"
 
 
 def entries(conf: Path) -> list[str]:
@@ -56,12 +55,11 @@ def test_challenge_confs_keep_the_challenges_budget_and_target_our_deployment(ou
     ],
     ids=["sample", "open"],
 )
-def test_challenge_confs_reproduce_the_organisers_entries(ours, theirs):
-    if not (REFERENCE / theirs).is_file():
-        pytest.skip(f"the organisers' conf is not at {REFERENCE} (../shared is not in a clone)")
-    expected = [
-        d.replace("model=neurips/local", "model=onegpu/local") for d in entries(REFERENCE / theirs)
-    ]
+def test_challenge_confs_reproduce_the_organisers_entries(ours, theirs, shared_dir):
+    reference = shared_dir / "reference" / "challenge" / theirs
+    if not reference.is_file():
+        pytest.skip(f"the organisers' conf is not at {reference} (set ONEGPU_SHARED_DIR)")
+    expected = [d.replace("model=neurips/local", "model=onegpu/local") for d in entries(reference)]
     assert collections.Counter(entries(CONFS / ours)) == collections.Counter(expected)
 
 
