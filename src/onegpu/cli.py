@@ -31,7 +31,13 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level)
     app = create_app(settings)
     uvicorn.run(
-        app, host=settings.host, port=settings.port, workers=1, log_level=settings.log_level.lower()
+        app,
+        host=settings.host,
+        port=settings.port,
+        workers=1,
+        log_level=settings.log_level.lower(),
+        # On SIGTERM, in-flight requests get this long to finish before connections close.
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
     return 0
 

@@ -89,7 +89,6 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     metrics = Metrics()
-    app.state.metrics = metrics
 
     def worker_of(request: Request) -> EngineWorker:
         worker: EngineWorker | None = getattr(request.app.state, "worker", None)
