@@ -141,18 +141,21 @@ class Engine:
         try:
             return self._generate(request, cancelled or (lambda: False))
         except torch.cuda.OutOfMemoryError as exc:
-            self.oom_count += 1
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            log.warning("GPU out of memory (%d so far): %s", self.oom_count, exc)
-            raise EngineOverloadedError(
-                "the GPU ran out of memory for this request; retry later or shorten it"
-            ) from None
+            reason = str(exc).splitlines()[0] if str(exc) else "out of memory"
         except RuntimeError as exc:
             # CUDA faults (device asserts, illegal accesses) poison the context for good.
             if "CUDA error" in str(exc) or "CUBLAS_STATUS" in str(exc):
                 raise EngineFatalError(f"the GPU failed: {exc}") from exc
             raise
+        # Out of the except block, the traceback (and the KV cache its frames held) is gone, so
+        # emptying the allocator's cache really returns that memory.
+        self.oom_count += 1
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.warning("GPU out of memory (%d so far): %s", self.oom_count, reason)
+        raise EngineOverloadedError(
+            "the GPU ran out of memory for this request; retry later or shorten it"
+        )
 
     def memory(self) -> dict[str, int]:
         """GPU memory in bytes (allocated now, peak, reserved); empty on the CPU."""
