@@ -34,7 +34,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_14b import QWEN_14B, TINY, WORDS, linear_shapes, make_tokenizer  # noqa: E402
+from train_14b import (  # noqa: E402
+    QWEN_14B,
+    TINY,
+    WORDS,
+    linear_shapes,
+    make_tokenizer,
+    qwen2_config,
+)
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -122,18 +129,7 @@ def build_bf16_checkpoint(folder: Path, shape: dict, tokenizer, device: torch.de
 
     index = {"metadata": {}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    config = {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        **shape,
-        "hidden_act": "silu",
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
-        "use_cache": True,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
+    config = qwen2_config(shape, tokenizer, "bfloat16")
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(folder)
     return folder

@@ -92,6 +92,22 @@ def _gptq_linear(prefix: str, n_in: int, n_out: int, gen: torch.Generator) -> di
     }
 
 
+def qwen2_config(shape: dict, tokenizer, dtype: str) -> dict:
+    """config.json of a Qwen2 model with `shape`, as the benchmark checkpoints write it."""
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        **shape,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": dtype,
+        "use_cache": True,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
 def build_checkpoint(folder: Path, shape: dict, tokenizer) -> Path:
     """Write a random 8-bit GPTQ checkpoint with the given Qwen2 shape into `folder`."""
     from safetensors.torch import save_file
@@ -139,19 +155,7 @@ def build_checkpoint(folder: Path, shape: dict, tokenizer) -> Path:
         "pack_dtype": "int32",
         "lm_head": False,
     }
-    config = {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        **shape,
-        "hidden_act": "silu",
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": False,
-        "torch_dtype": "float16",
-        "use_cache": True,
-        "eos_token_id": tokenizer.eos_token_id,
-        "quantization_config": quantization,
-    }
+    config = qwen2_config(shape, tokenizer, "float16") | {"quantization_config": quantization}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "quantize_config.json").write_text(json.dumps(quantization, indent=2))
     tokenizer.save_pretrained(folder)
