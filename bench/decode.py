@@ -7,7 +7,8 @@ Builds the checkpoint first (random packed weights in the exact Qwen-14B shape, 
 writes them; see train_14b.py), loads it the way `onegpu serve` does (Marlin kernels, GPU capped at
 24 GiB), and times three things in one run on one GPU:
   - bandwidth: a large device-to-device copy (bytes read + written per second);
-  - onegpu: the serving engine (`Engine.generate`, logprobs and stop checks included);
+  - onegpu: the serving engine (`Engine.generate`, logprobs and stop checks included), one
+    request alone, then one per KV row decoding together (aggregate tokens/s);
   - baseline: transformers `generate()`, greedy, one request, same model: what 2023 entries ran.
 Decode tokens/s excludes the prefill and first token. bound = bandwidth / bytes read per token
 (all weights except the embedding table, plus the KV cache of the context). Prints a table last and
@@ -84,6 +85,38 @@ def time_engine(engine, prompt: str, new_tokens: int) -> dict:
     }
 
 
+def time_batch(engine, prompt: str, new_tokens: int) -> dict:
+    """Every KV row decoding at once: aggregate tokens/s over the decode steps."""
+    from concurrent.futures import Future
+
+    from onegpu.engine.types import GenerationRequest
+
+    futures = []
+    for i in range(engine.cache.slots):
+        request = GenerationRequest(
+            prompt=f"{i} {prompt}",
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            temperature=0.0,
+        )
+        future: Future = Future()
+        future.set_running_or_notify_cancel()
+        engine.admit(request, future)
+        futures.append(future)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    steps = 0
+    while engine.running:
+        engine.step()
+        steps += 1
+    seconds = time.perf_counter() - start
+    return {
+        "rows": len(futures),
+        "step_ms": 1e3 * seconds / steps,
+        "decode_tok_s": len(futures) * steps / seconds,
+    }
+
+
 def time_baseline(engine, prompt: str, new_tokens: int) -> dict:
     """transformers generate(), greedy, one request: decode rate from two lengths' difference."""
     ids = torch.tensor([engine.tokenize(prompt)], device="cuda")
@@ -139,6 +172,7 @@ def main() -> int:
         for length in (int(x) for x in args.prompt_lengths.split(",")):
             prompt = prompt_of(engine.tokenizer, length, seed=length)
             ours = time_engine(engine, prompt, args.new_tokens)
+            batch = time_batch(engine, prompt, args.new_tokens)
             base = time_baseline(engine, prompt, args.new_tokens)
             per_token = result["weight_bytes"] + kv_bytes(QWEN_14B, ours["prompt_tokens"])
             bound = bandwidth / per_token
@@ -147,6 +181,7 @@ def main() -> int:
                     "prompt_tokens": ours["prompt_tokens"],
                     "bound_tok_s": bound,
                     "onegpu": ours,
+                    "onegpu_all_rows": batch,
                     "baseline_generate": base,
                     "onegpu_of_bound": ours["decode_tok_s"] / bound,
                     "baseline_of_bound": base["decode_tok_s"] / bound,
@@ -164,13 +199,14 @@ def main() -> int:
     )
     print(
         f"{'prompt':>7} {'bound':>7} {'onegpu':>7} {'of bound':>8} "
-        f"{'generate':>8} {'of bound':>8} {'ratio':>6}"
+        f"{'generate':>8} {'of bound':>8} {'ratio':>6} {'rows':>4} {'all rows':>8}"
     )
     for r in rows:
         print(
             f"{r['prompt_tokens']:>7} {r['bound_tok_s']:>7.1f} {r['onegpu']['decode_tok_s']:>7.1f} "
             f"{r['onegpu_of_bound']:>8.2f} {r['baseline_generate']['decode_tok_s']:>8.1f} "
-            f"{r['baseline_of_bound']:>8.2f} {r['onegpu_over_baseline']:>6.2f}"
+            f"{r['baseline_of_bound']:>8.2f} {r['onegpu_over_baseline']:>6.2f} "
+            f"{r['onegpu_all_rows']['rows']:>4} {r['onegpu_all_rows']['decode_tok_s']:>8.1f}"
         )
     return 0
 

@@ -56,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", help="auto (default), float16, bfloat16, float32")
     serve.add_argument("--gpu-memory-gib", type=float, help="cap GPU memory, e.g. 24 (an RTX 4090)")
     serve.add_argument("--max-context", type=int, help="context window in tokens (default 2048)")
+    serve.add_argument("--max-batch", type=int, help="most requests decoded together (default 32)")
+    serve.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        default=None,
+        help="decode eagerly instead of replaying CUDA graphs",
+    )
     serve.add_argument(
         "--trust-remote-code",
         action="store_true",

@@ -29,6 +29,10 @@ class ServeSettings(BaseSettings):
         description="cut applied when a request asks for >1 token and gives no stop_sequences",
     )
     trust_remote_code: bool = Field(False, description="run the model repository's own code")
+    max_batch: int = Field(
+        32, ge=1, description="most requests decoded together (fewer if GPU memory is short)"
+    )
+    cuda_graphs: bool = Field(True, description="replay the decode step from CUDA graphs")
     max_queue: int = Field(256, ge=1, description="requests allowed to wait; more get 503")
     request_timeout_s: float = Field(
         1800, gt=0, description="a request still unanswered after this gets 503 and is dropped"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -11,16 +10,12 @@ import torch
 from tests.conftest import make_engine
 
 
-@dataclass
-class _Cache:
-    length: int
-
-
 class ScriptedLM(torch.nn.Module):
     """Puts `margin` more logit on the next scripted id than on any other; then end-of-text forever.
 
-    It follows the calling convention the engine relies on (input_ids, past_key_values,
-    use_cache, logits_to_keep) and counts positions through its cache like a real model.
+    It follows the calling convention the engine relies on (input_ids [B, T], position_ids,
+    past_key_values, logits_to_keep) like a real model: a prefill pass (the cache names its row)
+    fixes where that row's prompt ends, and each position then predicts the script's next id.
     """
 
     def __init__(self, script: list[int], vocab_size: int, eos_id: int, margin: float = 8.0):
@@ -31,21 +26,23 @@ class ScriptedLM(torch.nn.Module):
         self.config = SimpleNamespace(eos_token_id=eos_id)
         self.generation_config = SimpleNamespace(eos_token_id=eos_id)
         self._anchor = torch.nn.Parameter(torch.zeros(1))
-        self.prompt_len = 0
+        self.prompt_end: dict[int, int] = {}
 
-    def forward(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep=0):
-        seen = past_key_values.length if past_key_values is not None else 0
-        if past_key_values is None:
-            self.prompt_len = input_ids.shape[1]
-        length = seen + input_ids.shape[1]
-        # Only the kept positions get logits ([1, kept, V]), as in transformers.
-        first = length - logits_to_keep if logits_to_keep else seen
-        logits = torch.zeros(1, length - first, self.vocab_size)
-        for row, position in enumerate(range(first, length)):
-            step = position - self.prompt_len + 1  # index of the token this position predicts
-            target = self.script[step] if 0 <= step < len(self.script) else self.config.eos_token_id
-            logits[0, row, target] = self.margin
-        return SimpleNamespace(logits=logits, past_key_values=_Cache(length))
+    def forward(self, input_ids, position_ids, past_key_values, logits_to_keep=0, **_):
+        row = past_key_values.prefill_row
+        rows = [row] if row is not None else list(range(input_ids.shape[0]))
+        if row is not None:
+            self.prompt_end[row] = int(position_ids[0, -1]) + 1
+        kept = position_ids[:, -logits_to_keep:] if logits_to_keep else position_ids
+        logits = torch.zeros(*kept.shape, self.vocab_size)
+        for b, r in enumerate(rows):
+            for t, position in enumerate(kept[b].tolist()):
+                # Index of the script id this position predicts (rows never prefilled: past it).
+                step = position - self.prompt_end.get(r, position + len(self.script)) + 1
+                done = not 0 <= step < len(self.script)
+                target = self.config.eos_token_id if done else self.script[step]
+                logits[b, t, target] = self.margin
+        return SimpleNamespace(logits=logits)
 
 
 @pytest.fixture

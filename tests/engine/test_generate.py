@@ -28,12 +28,26 @@ def full_forward_logprobs(engine, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits.float(), -1).cpu()
 
 
-def test_greedy_is_deterministic(engine):
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_is_bit_exact_without_prefix_reuse(device, tiny_qwen_model, qwen_tokenizer):
+    engine = make_engine(
+        tiny_qwen_model, qwen_tokenizer, device=device, default_stop=(), prefix_reuse=False
+    )
     first = engine.generate(greedy(max_new_tokens=12))
     second = engine.generate(greedy(max_new_tokens=12))
     assert first.token_ids == second.token_ids
     assert [t.logprob for t in first.tokens] == [t.logprob for t in second.tokens]
     assert first.new_tokens == 12 and first.finish_reason == "length"
+
+
+def test_greedy_repeat_reuses_the_prompt_and_agrees_within_float_tolerance(engine):
+    first = engine.generate(greedy(max_new_tokens=12))
+    second = engine.generate(greedy(max_new_tokens=12))
+    # The repeat recomputes only the prompt's last token: other matmul shapes, other rounding.
+    assert engine.reused_tokens == len(engine.tokenize(PROMPT)) - 1
+    assert first.token_ids == second.token_ids
+    for a, b in zip(first.tokens, second.tokens, strict=True):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
 
 
 def test_seed_reproduces_samples_and_different_seeds_differ(engine):

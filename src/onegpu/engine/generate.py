@@ -1,7 +1,11 @@
-"""The generation loop: prefill, then one token at a time over a KV cache.
+"""Continuous batching: running requests share each decode step, and join or leave between steps.
 
-Per-request state (sampling, stopping, detokenizing, logprobs) lives in `_Sequence`, apart from the
-model call, so that a batched scheduler can later drive many sequences through one forward pass.
+Each request owns one row of a fixed slot cache (`kvcache.SlotCache`) while it runs. `admit`
+places a new request in a free row (starting from the longest prompt prefix some row already
+holds, see `prefix`) and prefills the rest; `step` feeds every running row's last token through
+one forward pass (a replayed CUDA graph on the GPU, see `decode_step`). Per-request state
+(sampling, stopping, detokenizing, logprobs) lives in `_Sequence`, so what a request gets does
+not depend on what it shares the batch with.
 """
 
 from __future__ import annotations
@@ -10,19 +14,24 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
 
+from onegpu.engine.decode_step import DecodeStep, mask_dtype
 from onegpu.engine.detokenize import IncrementalDetokenizer, token_pieces
+from onegpu.engine.kvcache import SlotCache
 from onegpu.engine.logprobs import finite, gather_logprobs
+from onegpu.engine.prefix import place
 from onegpu.engine.sampling import choose_token, suppress
 from onegpu.engine.stopping import StopMatcher, cut_pieces
 from onegpu.engine.types import (
     Completion,
     ContextWindowError,
     EngineFatalError,
+    EngineInternalError,
     EngineOverloadedError,
     GenerationRequest,
     InvalidRequestError,
@@ -32,6 +41,17 @@ from onegpu.engine.types import (
 )
 
 log = logging.getLogger(__name__)
+
+# Positions scored per chunk when echoing a prompt: bounds the float32 log-softmax temporaries.
+_SCORE_CHUNK = 256
+
+
+# Requests answered without an out-of-memory before the engine admits one more at once again.
+_RECOVER_AFTER = 50
+
+
+def _never() -> bool:
+    return False
 
 
 @dataclass
@@ -49,10 +69,18 @@ class _Sequence:
 
     request: GenerationRequest
     prompt_ids: list[int]
+    model_ids: list[int]
     stops: StopMatcher
     detok: IncrementalDetokenizer
     eos_ids: frozenset[int]
     generator: torch.Generator | None
+    future: Future[Completion]
+    cancelled: Callable[[], bool]
+    started: float
+    row: int = -1
+    position: int = 0  # cached positions in its row = where the next fed token goes
+    last_token: int = 0
+    echoed: list[TokenInfo] = field(default_factory=list)
     scored: list[_Scored] = field(default_factory=list)
     pieces: list[str] = field(default_factory=list)
     text: str = ""
@@ -66,9 +94,10 @@ class _Sequence:
 
 
 class Engine:
-    """A loaded causal LM and its tokenizer, serving one request at a time (`generate` blocks).
+    """A loaded causal LM and its tokenizer, running up to `slots` requests at once.
 
-    Callers serialize access (see `EngineWorker`); `tokenize` and `decode` are safe from any thread.
+    One thread drives it (`admit`, `step`; see `EngineWorker`), or `generate` runs a single
+    request to completion. `tokenize` and `decode` are safe from any thread.
     """
 
     def __init__(
@@ -78,6 +107,9 @@ class Engine:
         *,
         info: ModelInfo,
         default_stop: Sequence[str] = ("\n\n",),
+        slots: int = 4,
+        cuda_graphs: bool = True,
+        prefix_reuse: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -85,9 +117,21 @@ class Engine:
         self.default_stop = tuple(default_stop)
         self.device = torch.device(info.device)
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.prefix_reuse = prefix_reuse
         self._tokenizer_lock = threading.Lock()
         self._token_text = lru_cache(maxsize=65536)(self._decode_one)
+        self.cache = SlotCache(slots, info.max_context)
+        self._decode_step = DecodeStep(model, self.cache, graphs=cuda_graphs)
+        self._mask_dtype = mask_dtype(model)
+        self._running: dict[int, _Sequence] = {}
+        self._free: list[int] = list(range(slots))  # oldest released first
+        self._placing: set[int] = set()
+        self._resident: list[list[int]] = [[] for _ in range(slots)]
+        self.admit_limit = slots
+        self._clean_since_oom = 0
         self.oom_count = 0
+        self.reused_tokens = 0
+        self.fatal: EngineFatalError | None = None
 
     # -- text <-> ids ---------------------------------------------------------------------------
 
@@ -127,92 +171,161 @@ class Engine:
     def _decode_one(self, token_id: int) -> str:
         return self._decode_raw([token_id])
 
-    # -- generation -----------------------------------------------------------------------------
+    # -- scheduling -----------------------------------------------------------------------------
 
-    def generate(
-        self, request: GenerationRequest, *, cancelled: Callable[[], bool] | None = None
-    ) -> Completion:
-        """Run one request to completion; InvalidRequestError if it cannot be served.
+    @property
+    def running(self) -> int:
+        return len(self._running)
 
-        `cancelled` is polled between decode steps: when it returns True the request stops with
-        RequestCancelledError. A GPU out-of-memory error frees the cache and becomes
-        EngineOverloadedError, so the next request starts clean.
-        """
-        try:
-            return self._generate(request, cancelled or (lambda: False))
-        except torch.cuda.OutOfMemoryError as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else "out of memory"
-        except RuntimeError as exc:
-            # CUDA faults (device asserts, illegal accesses) poison the context for good.
-            if "CUDA error" in str(exc) or "CUBLAS_STATUS" in str(exc):
-                raise EngineFatalError(f"the GPU failed: {exc}") from exc
-            raise
-        # Out of the except block, the traceback (and the KV cache its frames held) is gone, so
-        # emptying the allocator's cache really returns that memory.
-        self.oom_count += 1
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        log.warning("GPU out of memory (%d so far): %s", self.oom_count, reason)
-        raise EngineOverloadedError(
-            "the GPU ran out of memory for this request; retry later or shorten it"
-        )
+    @property
+    def has_room(self) -> bool:
+        """Whether `admit` can take another request now."""
+        return len(self._running) < min(self.cache.slots, self.admit_limit)
+
+    def warmup(self) -> None:
+        """Allocate the KV cache and capture the decode graphs before the first request."""
+        self.generate(GenerationRequest(prompt="warm up", max_new_tokens=2, temperature=0))
+        with torch.no_grad():
+            self._decode_step.capture_all()
 
     def memory(self) -> dict[str, int]:
-        """GPU memory in bytes (allocated now, peak, reserved); empty on the CPU."""
+        """GPU memory in bytes (allocated now, peak, reserved, KV cache); empty on the CPU."""
         if self.device.type != "cuda":
             return {}
         return {
             "allocated": torch.cuda.memory_allocated(self.device),
             "peak": torch.cuda.max_memory_allocated(self.device),
             "reserved": torch.cuda.memory_reserved(self.device),
+            "kv_cache": self.cache.nbytes(),
         }
 
-    @torch.inference_mode()
-    def _generate(self, request: GenerationRequest, cancelled: Callable[[], bool]) -> Completion:
+    def generate(
+        self, request: GenerationRequest, *, cancelled: Callable[[], bool] | None = None
+    ) -> Completion:
+        """Run one request to completion on an otherwise idle engine (tests, benchmarks, CLI).
+
+        Raises what the request failed with: InvalidRequestError if it cannot be served,
+        EngineOverloadedError after a GPU out-of-memory, RequestCancelledError when
+        `cancelled()` turned True between decode steps.
+        """
+        future: Future[Completion] = Future()
+        future.set_running_or_notify_cancel()
+        self.admit(request, future, cancelled=cancelled)
+        while not future.done():
+            self.step()
+        return future.result()
+
+    def admit(
+        self,
+        request: GenerationRequest,
+        future: Future[Completion],
+        *,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> None:
+        """Start `request` in a free cache row: prefill its prompt and choose its first token.
+
+        The outcome goes to `future` (a result or the request's error), now or from a later
+        `step`. Only a broken device raises (EngineFatalError), after failing every request.
+        """
+        if not self.has_room:
+            raise RuntimeError("admit() called with no free row; check has_room first")
         started = time.perf_counter()
+        try:
+            seq = self._new_sequence(request, future, cancelled or _never, started)
+        except InvalidRequestError as exc:
+            future.set_exception(exc)
+            return
+        self._guarded([seq], lambda: self._prefill(seq))
+
+    def step(self) -> None:
+        """One decode step for every running request; finished ones get their result."""
+        for seq in [s for s in self._running.values() if s.cancelled()]:
+            self._release(seq, RequestCancelledError("the request was cancelled"))
+        if self._running:
+            seqs = list(self._running.values())
+            self._guarded(seqs, lambda: self._decode_running(seqs))
+
+    def _guarded(self, seqs: list[_Sequence], work: Callable[[], None]) -> None:
+        """Run `work` for `seqs`; a failure fails those requests, and only a GPU fault more."""
+        try:
+            with torch.no_grad():
+                work()
+            return
+        except torch.cuda.OutOfMemoryError as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else "out of memory"
+        except RuntimeError as exc:
+            # CUDA faults (device asserts, illegal accesses) poison the context for good.
+            if "CUDA error" in str(exc) or "CUBLAS_STATUS" in str(exc):
+                error = EngineFatalError(f"the GPU failed: {exc}")
+                self.fatal = error  # before any caller hears of it: readiness turns 503 first
+                for seq in list(self._running.values()) + seqs:
+                    self._release(seq, error)
+                raise error from exc
+            log.exception("request failed inside the engine")
+            self._fail(seqs, EngineInternalError(f"internal engine error ({type(exc).__name__})"))
+            return
+        except Exception as exc:
+            log.exception("request failed inside the engine")
+            self._fail(seqs, EngineInternalError(f"internal engine error ({type(exc).__name__})"))
+            return
+        # Out of the except block, the traceback (and the activations its frames held) is gone,
+        # so emptying the allocator's cache really returns that memory.
+        self.oom_count += 1
+        self._clean_since_oom = 0
+        self._fail(
+            seqs,
+            EngineOverloadedError(
+                "the GPU ran out of memory for this request; retry later or shorten it"
+            ),
+        )
+        # Admit less at once from now on: as many as ran without failing, at least one.
+        self.admit_limit = max(1, min(self.admit_limit, len(self._running) + len(seqs)) - 1)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.warning(
+            "GPU out of memory (%d so far): %s; admitting at most %d requests at once now",
+            self.oom_count,
+            reason,
+            self.admit_limit,
+        )
+
+    def _fail(self, seqs: list[_Sequence], error: BaseException) -> None:
+        for seq in seqs:
+            self._release(seq, error)
+
+    def _release(self, seq: _Sequence, outcome: Completion | BaseException) -> None:
+        """Finish `seq`: hand its row back and deliver its result or error."""
+        if self._running.get(seq.row) is seq:
+            del self._running[seq.row]
+            self._free.append(seq.row)
+        elif seq.row in self._placing:
+            # Its prefill never completed: the row holds only what was there before it.
+            self._placing.discard(seq.row)
+            self._free.append(seq.row)
+        if seq.future.done():
+            return
+        if isinstance(outcome, BaseException):
+            seq.future.set_exception(outcome)
+            return
+        seq.future.set_result(outcome)
+        # After an out-of-memory, give back one row of concurrency per run of clean requests.
+        self._clean_since_oom += 1
+        if self.admit_limit < self.cache.slots and self._clean_since_oom >= _RECOVER_AFTER:
+            self.admit_limit += 1
+            self._clean_since_oom = 0
+
+    # -- one request ----------------------------------------------------------------------------
+
+    def _new_sequence(
+        self,
+        request: GenerationRequest,
+        future: Future[Completion],
+        cancelled: Callable[[], bool],
+        started: float,
+    ) -> _Sequence:
         prompt_ids = self.tokenize(request.prompt)
-        prompt_len = len(prompt_ids)
-        if prompt_len + request.max_new_tokens > self.info.max_context:
-            raise ContextWindowError(prompt_len, request.max_new_tokens, self.info.max_context)
-
-        # A prompt that encodes to nothing still needs one position to predict from.
-        model_ids = prompt_ids or [self._start_token()]
-        want_prompt_scores = request.echo_prompt and prompt_len > 1
-        input_ids = torch.tensor([model_ids], device=self.device)  # [1, T]
-        out = self.model(
-            input_ids=input_ids,
-            use_cache=request.max_new_tokens > 0,
-            logits_to_keep=0 if want_prompt_scores else 1,
-        )
-        echoed = (
-            self._score_prompt(prompt_ids, out.logits[0], request.top_k_per_token)
-            if request.echo_prompt
-            else []
-        )
-
-        seq = self._start_sequence(request, prompt_ids)
-        if request.max_new_tokens == 0:
-            seq.finish_reason = "prompt_only" if request.echo_prompt else "length"
-        cache = out.past_key_values
-        logits = out.logits[0, -1]  # [V]
-        while not seq.done:
-            token_id = self._step(seq, logits)
-            if seq.first_token_at is None:
-                seq.first_token_at = time.perf_counter()
-            if seq.done:
-                break
-            if cancelled():
-                raise RequestCancelledError("the request was cancelled")
-            out = self.model(
-                input_ids=torch.tensor([[token_id]], device=self.device),
-                past_key_values=cache,
-                use_cache=True,
-            )
-            cache = out.past_key_values
-            logits = out.logits[0, -1]
-        return self._finish(seq, echoed, started)
-
-    def _start_sequence(self, request: GenerationRequest, prompt_ids: list[int]) -> _Sequence:
+        if len(prompt_ids) + request.max_new_tokens > self.info.max_context:
+            raise ContextWindowError(len(prompt_ids), request.max_new_tokens, self.info.max_context)
         if request.stop_sequences:
             stops = StopMatcher(hard=tuple(request.stop_sequences))
         elif request.max_new_tokens > 1:
@@ -225,30 +338,116 @@ class Engine:
         return _Sequence(
             request=request,
             prompt_ids=prompt_ids,
+            # A prompt that encodes to nothing still needs one position to predict from.
+            model_ids=prompt_ids or [self._start_token()],
             stops=stops,
             detok=IncrementalDetokenizer(self._decode_raw, context_ids=prompt_ids),
             eos_ids=self.eos_ids,
             generator=generator,
+            future=future,
+            cancelled=cancelled,
+            started=started,
         )
 
-    def _step(self, seq: _Sequence, logits: torch.Tensor) -> int:
-        """Choose, score and record the next token of `seq` from its logits [V]."""
+    def _prefill(self, seq: _Sequence) -> None:
+        """Put `seq` in a free row, compute its prompt's cache and choose its first token."""
         request = seq.request
-        row = logits
-        if len(seq.scored) < request.min_new_tokens:
-            row = suppress(logits, seq.eos_ids)
-        token_id = choose_token(
-            row,
-            temperature=request.temperature,
-            top_k=request.top_k,
-            top_p=request.top_p,
-            generator=seq.generator,
+        echo_all = request.echo_prompt and len(seq.prompt_ids) > 1
+        ids = seq.model_ids
+        # Echo needs logits at every prompt position, so it recomputes the whole prompt.
+        reusable = self.prefix_reuse and not echo_all
+        resident = self._resident if reusable else [[] for _ in self._resident]
+        placement = place(ids, resident, self._free)
+        seq.row = placement.row
+        self._free.remove(seq.row)
+        self._placing.add(seq.row)
+        self._resident[seq.row] = []
+        reuse = placement.reuse
+        if placement.source != seq.row:
+            self.cache.copy_prefix(placement.source, seq.row, reuse)
+        self._resident[seq.row] = list(ids[:reuse])
+        self.reused_tokens += reuse
+
+        count = len(ids) - reuse
+        input_ids = torch.tensor([ids[reuse:]], device=self.device)  # [1, T]
+        positions = torch.arange(reuse, len(ids), device=self.device)  # [T]
+        columns = torch.arange(len(ids), device=self.device)
+        dtype = self._mask_dtype
+        mask = torch.zeros(count, len(ids), dtype=dtype, device=self.device)
+        mask = mask.masked_fill(columns[None, :] > positions[:, None], torch.finfo(dtype).min)
+        self.cache.prefill(seq.row, reuse, count)
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=positions[None],
+            attention_mask=mask[None, None],
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=0 if echo_all else 1,
         )
+        self._placing.discard(seq.row)
+        self._resident[seq.row] = list(ids)
+        self._running[seq.row] = seq
+        seq.position = len(ids)
+        if request.echo_prompt:
+            seq.echoed = self._score_prompt(seq.prompt_ids, out.logits[0], request.top_k_per_token)
+        if request.max_new_tokens == 0:
+            seq.finish_reason = "prompt_only" if request.echo_prompt else "length"
+            self._release(seq, self._finish(seq))
+            return
+        self._advance([seq], out.logits[:, -1])
+
+    def _decode_running(self, seqs: list[_Sequence]) -> None:
+        feed = {seq.row: (seq.last_token, seq.position) for seq in seqs}
+        logits = self._decode_step(feed)  # [slots, V]
+        for seq in seqs:
+            self._resident[seq.row].append(seq.last_token)
+            seq.position += 1
+        rows = torch.tensor([seq.row for seq in seqs], device=logits.device)
+        self._advance(seqs, logits.index_select(0, rows))
+
+    def _advance(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        """Choose, score and record the next token of each of `seqs` from its logits [len, V]."""
+        token_ids = self._choose(seqs, logits)
+        k = max(seq.request.top_k_per_token for seq in seqs)
+        scored = self._score(logits, token_ids, k)
+        now = time.perf_counter()
+        for seq, token_id, score in zip(seqs, token_ids, scored, strict=True):
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+            self._record(seq, token_id, score)
+            if seq.done:
+                self._release(seq, self._finish(seq))
+
+    def _choose(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[int]:
+        """Each sequence's next token: one argmax for all greedy ones, sampling for the rest."""
+        choice = logits
+        early = [i for i, seq in enumerate(seqs) if len(seq.scored) < seq.request.min_new_tokens]
+        if early:
+            choice = logits.clone()
+            for i in early:
+                choice[i] = suppress(logits[i], seqs[i].eos_ids)
+        chosen = torch.argmax(choice, dim=-1).tolist()
+        for i, seq in enumerate(seqs):
+            request = seq.request
+            if not request.greedy:
+                chosen[i] = choose_token(
+                    choice[i],
+                    temperature=request.temperature,
+                    top_k=request.top_k,
+                    top_p=request.top_p,
+                    generator=seq.generator,
+                )
+        return chosen
+
+    def _record(self, seq: _Sequence, token_id: int, score: _Scored) -> None:
+        request = seq.request
         if token_id in seq.eos_ids:
             seq.finish_reason = "eos"
-            return token_id
+            return
         # Logprobs come from the raw logits, not from the suppressed or warped scores.
-        seq.scored.append(self._score(logits[None], [token_id], request.top_k_per_token)[0])
+        top = dict(list(score.top.items())[: request.top_k_per_token])
+        seq.scored.append(_Scored(token_id, score.logprob, top))
+        seq.last_token = token_id
         piece = seq.detok.push(token_id)
         seq.pieces.append(piece)
         since = len(seq.text)
@@ -257,9 +456,9 @@ class Engine:
             seq.stop_at, seq.finish_reason = stop_at, "stop"
         elif len(seq.scored) >= request.max_new_tokens:
             seq.finish_reason = "length"
-        return token_id
 
-    def _finish(self, seq: _Sequence, echoed: list[TokenInfo], started: float) -> Completion:
+    def _finish(self, seq: _Sequence) -> Completion:
+        started, echoed = seq.started, seq.echoed
         pieces = seq.pieces
         if seq.stop_at is None and pieces:
             pieces[-1] += seq.detok.flush()
@@ -301,14 +500,17 @@ class Engine:
 
     def _score(self, logits: torch.Tensor, targets: Sequence[int], k: int) -> list[_Scored]:
         """Score `targets` under `logits` [T, V]; one `_Scored` per target."""
-        target_tensor = torch.tensor(list(targets), device=logits.device)
-        chosen, top_values, top_ids = gather_logprobs(logits, target_tensor, k)
         scored = []
-        for t, token_id in enumerate(targets):
-            top: dict[str, float] = {}
-            for value, alt in zip(top_values[t].tolist(), top_ids[t].tolist(), strict=True):
-                top.setdefault(self._token_text(alt), finite(value))
-            scored.append(_Scored(int(token_id), finite(float(chosen[t])), top))
+        for begin in range(0, len(targets), _SCORE_CHUNK):
+            chunk = list(targets[begin : begin + _SCORE_CHUNK])
+            target_tensor = torch.tensor(chunk, device=logits.device)
+            rows = logits[begin : begin + len(chunk)]
+            chosen, top_values, top_ids = gather_logprobs(rows, target_tensor, k)
+            for t, token_id in enumerate(chunk):
+                top: dict[str, float] = {}
+                for value, alt in zip(top_values[t].tolist(), top_ids[t].tolist(), strict=True):
+                    top.setdefault(self._token_text(alt), finite(value))
+                scored.append(_Scored(int(token_id), finite(float(chosen[t])), top))
         return scored
 
     def _score_prompt(self, prompt_ids: list[int], logits: torch.Tensor, k: int) -> list[TokenInfo]:

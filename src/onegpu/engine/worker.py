@@ -1,4 +1,4 @@
-"""One thread owns the model: requests queue up and are served in order, off the event loop."""
+"""One thread owns the model: it admits queued requests into free cache rows and steps the batch."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ from dataclasses import dataclass, field
 
 from onegpu.engine.types import (
     Completion,
-    EngineError,
     EngineFatalError,
-    EngineInternalError,
     EngineOverloadedError,
     EngineUnavailableError,
     GenerationRequest,
@@ -33,25 +31,24 @@ class Ticket:
 
 
 class EngineWorker:
-    """Runs `engine.generate` on a dedicated thread; `submit` returns a Ticket.
+    """Drives the engine on a dedicated thread; `submit` returns a Ticket.
 
-    The queue is bounded: when `max_queue` requests wait already, `submit` refuses with
-    EngineOverloadedError (a 503 with Retry-After) instead of letting memory grow. The queue is
-    also where a batching scheduler will later pick several requests per step; callers only see
-    `submit`, so that change stays inside the engine.
+    Between decode steps, queued requests are admitted while the engine has a free row; the rest
+    wait in arrival order. The queue is bounded: when `max_queue` requests wait already, `submit`
+    refuses with EngineOverloadedError (a 503 with Retry-After) instead of letting memory grow.
     """
 
     def __init__(self, engine, *, max_queue: int = 256) -> None:
         self.engine = engine
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._closed = False
-        self.fatal: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="onegpu-engine", daemon=True)
         self._thread.start()
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._closed and self.fatal is None
+        failed = getattr(self.engine, "fatal", None) is not None
+        return self._thread.is_alive() and not self._closed and not failed
 
     @property
     def queued(self) -> int:
@@ -76,10 +73,36 @@ class EngineWorker:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        stopping = False
         while True:
-            item = self._queue.get()
-            if item is _STOP:
+            try:
+                stopping = self._admit(block=not stopping) or stopping
+                if self.engine.running:
+                    self.engine.step()
+                elif stopping:
+                    return
+            except EngineFatalError as exc:
+                # The device is unusable (the engine failed its running requests already):
+                # refuse the rest, turn readiness 503 so an orchestrator restarts us, and log
+                # the traceback once.
+                log.exception("engine failed; marking the server not ready")
+                self._drain(exc)
                 return
+
+    def _admit(self, *, block: bool) -> bool:
+        """Move queued requests into free rows; True once the stop marker was taken.
+
+        Waits for the first request only when nothing runs (`block` and an idle engine).
+        """
+        wait = block and not self.engine.running
+        while self.engine.has_room:
+            try:
+                item = self._queue.get(block=wait)
+            except queue.Empty:
+                return False
+            wait = False
+            if item is _STOP:
+                return True
             request, ticket = item
             if ticket.cancel.is_set():
                 ticket.future.set_exception(
@@ -87,25 +110,8 @@ class EngineWorker:
                 )
                 continue
             ticket.future.set_running_or_notify_cancel()
-            try:
-                ticket.future.set_result(
-                    self.engine.generate(request, cancelled=ticket.cancel.is_set)
-                )
-            except EngineFatalError as exc:
-                # The device is unusable: fail this request, refuse the rest (readiness turns
-                # 503 so an orchestrator restarts us), and log the traceback once.
-                log.exception("engine failed; marking the server not ready")
-                self.fatal = exc
-                ticket.future.set_exception(exc)
-                self._drain(exc)
-                return
-            except EngineError as exc:
-                ticket.future.set_exception(exc)
-            except Exception as exc:
-                log.exception("request failed inside the engine")
-                ticket.future.set_exception(
-                    EngineInternalError(f"internal engine error ({type(exc).__name__})")
-                )
+            self.engine.admit(request, ticket.future, cancelled=ticket.cancel.is_set)
+        return False
 
     def _drain(self, exc: BaseException) -> None:
         while True:

@@ -59,6 +59,8 @@ def _default_factory(settings: ServeSettings) -> Callable[[], object]:
                 max_context=settings.max_context,
                 default_stop=tuple(settings.default_stop),
                 trust_remote_code=settings.trust_remote_code,
+                max_batch=settings.max_batch,
+                cuda_graphs=settings.cuda_graphs,
             )
         )
 
