@@ -70,8 +70,9 @@ def mix(cycles: int, scale: float) -> list[dict]:
         "top_k_per_token": 1,
         "stop_sequences": [],
     }
-    # Few-shot blocks of about 450, 900 and 1,600 words (tokens, with this vocabulary).
-    blocks = [few_shot_block(s, int(n * scale)) for s, n in enumerate((450, 900, 1600))]
+    # Few-shot blocks of about 470, 940 and 1,690 tokens (1.25 tokens per word here), so the
+    # prompts span 500-1,800 tokens with their question.
+    blocks = [few_shot_block(s, int(n * scale)) for s, n in enumerate((380, 750, 1350))]
     out = []
     for c in range(cycles):
         kinds = ["mc"] * 10 + ["bigbench"] * 4 + ["gsm"] * 3 + ["summary"] * 3
@@ -225,6 +226,9 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=30)
     parser.add_argument("--gpu-memory-gib", type=float, default=24.0)
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    parser.add_argument(
+        "--checkpoint", help="build the checkpoint here and keep it (default: temp)"
+    )
     args = parser.parse_args()
     from onegpu.engine.loading import EngineConfig, load_engine
 
@@ -236,6 +240,7 @@ def main() -> int:
     if args.device.startswith("cuda"):
         result["gpu"] = torch.cuda.get_device_name()
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/tmp")) as work:
+        work = args.checkpoint or work
         start = time.perf_counter()
         tokenizer = make_tokenizer(WORDS)
         shape = dict(SHAPES[args.shape])
