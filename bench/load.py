@@ -81,10 +81,10 @@ def compare(first: list[tuple[str, float]], again: list[tuple[str, float]], tol:
     (another batch, another attention length, a reused prefix): 'diverged', reported apart.
     """
     for k, ((text_a, lp_a), (text_b, lp_b)) in enumerate(zip(first, again, strict=False)):
-        if abs(lp_a - lp_b) > tol:
-            return "mixed"
         if text_a != text_b:
             return "mixed" if k == 0 else "diverged"
+        if abs(lp_a - lp_b) > tol:
+            return "mixed"
     return "same" if len(first) == len(again) else "diverged"
 
 
