@@ -35,4 +35,9 @@ def test_thirty_concurrent_clients_get_their_own_answers(tiny_qwen_model, qwen_t
     for single, concurrent in zip(alone, together, strict=True):
         got = concurrent.json()
         assert got["text"] == single["text"]
-        assert [t["logprob"] for t in got["tokens"]] == [t["logprob"] for t in single["tokens"]]
+        assert [t["text"] for t in got["tokens"]] == [t["text"] for t in single["tokens"]]
+        # Batched with others (and starting from a reused prefix), the same request runs through
+        # other matmul shapes: equal within float rounding, not bit for bit.
+        for a, b in zip(single["tokens"], got["tokens"], strict=True):
+            assert b["logprob"] == pytest.approx(a["logprob"], abs=1e-4)
+            assert b["top_logprob"].keys() == a["top_logprob"].keys()
