@@ -177,6 +177,9 @@ def test_metrics_count_requests_and_tokens(tiny_client):
     assert "onegpu_generated_tokens_total" in text
     assert "onegpu_queue_depth" in text
     assert "onegpu_time_to_first_token_seconds_count" in text
+    assert "onegpu_running_requests 0.0" in text
+    assert "onegpu_batch_rows 4.0" in text  # the test engine's default rows
+    assert "onegpu_reused_prompt_tokens" in text
 
 
 def test_liveness_is_separate_from_readiness(tiny_client):

@@ -170,7 +170,11 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
         worker: EngineWorker | None = getattr(request.app.state, "worker", None)
         if worker is not None:
             metrics.queue_depth.set(worker.queued)
-            for kind, value in worker.engine.memory().items():
+            engine_ = worker.engine
+            metrics.running.set(engine_.running)
+            metrics.rows.set(min(engine_.cache.slots, engine_.admit_limit))
+            metrics.reused_tokens.set(engine_.reused_tokens)
+            for kind, value in engine_.memory().items():
                 metrics.gpu_memory.labels(kind).set(value)
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics: requests by outcome, queue depth, tokens, latency, GPU memory."""
+"""Prometheus metrics: requests by outcome, queue depth, batch, tokens, latency, GPU memory."""
 
 from __future__ import annotations
 
@@ -48,9 +48,24 @@ class Metrics:
         self.queue_depth = Gauge(
             "onegpu_queue_depth", "Requests waiting for the engine", registry=self.registry
         )
+        self.running = Gauge(
+            "onegpu_running_requests",
+            "Requests decoding together now (at most onegpu_batch_rows)",
+            registry=self.registry,
+        )
+        self.rows = Gauge(
+            "onegpu_batch_rows",
+            "Requests the engine admits at once (KV cache rows, fewer after an out-of-memory)",
+            registry=self.registry,
+        )
+        self.reused_tokens = Gauge(
+            "onegpu_reused_prompt_tokens",
+            "Prompt tokens taken from cached prefixes instead of recomputed, since start",
+            registry=self.registry,
+        )
         self.gpu_memory = Gauge(
             "onegpu_gpu_memory_bytes",
-            "GPU memory by kind (allocated, peak, reserved)",
+            "GPU memory by kind (allocated, peak, reserved, kv_cache)",
             ["kind"],
             registry=self.registry,
         )
