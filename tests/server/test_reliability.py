@@ -119,6 +119,26 @@ def test_an_unexpected_engine_bug_fails_one_request_only(qwen_tokenizer):
         )
 
 
+def test_a_bug_before_generation_starts_fails_that_request_only(tiny_qwen_model, qwen_tokenizer):
+    engine = make_engine(tiny_qwen_model, qwen_tokenizer)
+    tokenize = engine.tokenize
+
+    def fragile(text, **kwargs):
+        if text == "boom":
+            raise KeyError("a tokenizer bug")
+        return tokenize(text, **kwargs)
+
+    engine.tokenize = fragile
+    with client_for(engine) as client:
+        failed = client.post("/process", json={"prompt": "boom"})
+        assert failed.status_code == 500
+        assert "tokenizer bug" not in failed.text
+        assert (
+            client.post("/process", json={"prompt": "fine", "max_new_tokens": 2}).status_code == 200
+        )
+        assert client.get("/health").status_code == 200
+
+
 def test_cancelled_generation_stops_between_steps(slow_engine):
     calls = 0
 

@@ -235,6 +235,12 @@ class Engine:
         except InvalidRequestError as exc:
             future.set_exception(exc)
             return
+        except Exception as exc:  # a bug met before the request took a row: fail it alone
+            log.exception("request failed before it started")
+            future.set_exception(
+                EngineInternalError(f"internal engine error ({type(exc).__name__})")
+            )
+            return
         self._guarded([seq], lambda: self._prefill(seq))
 
     def step(self) -> None:

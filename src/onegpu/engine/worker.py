@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from onegpu.engine.types import (
     Completion,
     EngineFatalError,
+    EngineInternalError,
     EngineOverloadedError,
     EngineUnavailableError,
     GenerationRequest,
@@ -110,7 +111,16 @@ class EngineWorker:
                 )
                 continue
             ticket.future.set_running_or_notify_cancel()
-            self.engine.admit(request, ticket.future, cancelled=ticket.cancel.is_set)
+            try:
+                self.engine.admit(request, ticket.future, cancelled=ticket.cancel.is_set)
+            except EngineFatalError:
+                raise
+            except Exception as exc:  # the engine answers its own errors; this is a last guard
+                log.exception("admitting a request failed")
+                if not ticket.future.done():
+                    ticket.future.set_exception(
+                        EngineInternalError(f"internal engine error ({type(exc).__name__})")
+                    )
         return False
 
     def _drain(self, exc: BaseException) -> None:
