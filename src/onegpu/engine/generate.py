@@ -237,9 +237,7 @@ class Engine:
             return
         except Exception as exc:  # a bug met before the request took a row: fail it alone
             log.exception("request failed before it started")
-            future.set_exception(
-                EngineInternalError(f"internal engine error ({type(exc).__name__})")
-            )
+            future.set_exception(EngineInternalError.of(exc))
             return
         self._guarded([seq], lambda: self._prefill(seq))
 
@@ -259,20 +257,17 @@ class Engine:
             return
         except torch.cuda.OutOfMemoryError as exc:
             reason = str(exc).splitlines()[0] if str(exc) else "out of memory"
-        except RuntimeError as exc:
+        except Exception as exc:
             # CUDA faults (device asserts, illegal accesses) poison the context for good.
-            if "CUDA error" in str(exc) or "CUBLAS_STATUS" in str(exc):
+            if isinstance(exc, RuntimeError) and (
+                "CUDA error" in str(exc) or "CUBLAS_STATUS" in str(exc)
+            ):
                 error = EngineFatalError(f"the GPU failed: {exc}")
                 self.fatal = error  # before any caller hears of it: readiness turns 503 first
-                for seq in list(self._running.values()) + seqs:
-                    self._release(seq, error)
+                self._fail(list(self._running.values()) + seqs, error)
                 raise error from exc
             log.exception("request failed inside the engine")
-            self._fail(seqs, EngineInternalError(f"internal engine error ({type(exc).__name__})"))
-            return
-        except Exception as exc:
-            log.exception("request failed inside the engine")
-            self._fail(seqs, EngineInternalError(f"internal engine error ({type(exc).__name__})"))
+            self._fail(seqs, EngineInternalError.of(exc))
             return
         # Out of the except block, the traceback (and the activations its frames held) is gone,
         # so emptying the allocator's cache really returns that memory.

@@ -101,6 +101,11 @@ class EngineUnavailableError(EngineError):
 class EngineInternalError(EngineError):
     """A bug met while serving one request; the engine goes on with the next (maps to 500)."""
 
+    @classmethod
+    def of(cls, exc: BaseException) -> EngineInternalError:
+        """Wrap a bug for the caller: its type only, never its message (no internals leak)."""
+        return cls(f"internal engine error ({type(exc).__name__})")
+
 
 class EngineFatalError(EngineUnavailableError):
     """The device or model is broken (e.g. a CUDA fault); the server must be restarted (503)."""

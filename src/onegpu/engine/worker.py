@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from onegpu.engine.types import (
     Completion,
     EngineFatalError,
-    EngineInternalError,
     EngineOverloadedError,
     EngineUnavailableError,
     GenerationRequest,
@@ -111,16 +110,7 @@ class EngineWorker:
                 )
                 continue
             ticket.future.set_running_or_notify_cancel()
-            try:
-                self.engine.admit(request, ticket.future, cancelled=ticket.cancel.is_set)
-            except EngineFatalError:
-                raise
-            except Exception as exc:  # the engine answers its own errors; this is a last guard
-                log.exception("admitting a request failed")
-                if not ticket.future.done():
-                    ticket.future.set_exception(
-                        EngineInternalError(f"internal engine error ({type(exc).__name__})")
-                    )
+            self.engine.admit(request, ticket.future, cancelled=ticket.cancel.is_set)
         return False
 
     def _drain(self, exc: BaseException) -> None:
