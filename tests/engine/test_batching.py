@@ -175,3 +175,28 @@ def test_out_of_memory_in_a_batch_fails_it_and_admits_less_afterwards(qwen_token
     assert engine.admit_limit == 2  # three ran together and failed: fewer at once now
     answer = engine.generate(GenerationRequest(prompt="d", max_new_tokens=4, temperature=0))
     assert answer.text == " one two three four"
+
+
+class OomOnPrefill(ScriptedLM):
+    """A scripted model whose first prefill runs out of GPU memory."""
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer.encode(" fine"), len(tokenizer), eos_id=151643)
+        self.armed = True
+
+    def forward(self, input_ids, position_ids, past_key_values, logits_to_keep=0, **kwargs):
+        if self.armed and past_key_values.prefill_row is not None:
+            self.armed = False
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return super().forward(input_ids, position_ids, past_key_values, logits_to_keep, **kwargs)
+
+
+def test_a_failed_prefill_gives_its_row_back(qwen_tokenizer):
+    engine = make_engine(OomOnPrefill(qwen_tokenizer), qwen_tokenizer, slots=2)
+    with pytest.raises(EngineOverloadedError):
+        engine.generate(GenerationRequest(prompt="a", max_new_tokens=2, temperature=0))
+    assert sorted(engine._free) == [0, 1] and engine.running == 0
+    assert (
+        engine.generate(GenerationRequest(prompt="b", max_new_tokens=2, temperature=0)).text
+        == " fine"
+    )

@@ -125,7 +125,6 @@ class Engine:
         self._mask_dtype = mask_dtype(model)
         self._running: dict[int, _Sequence] = {}
         self._free: list[int] = list(range(slots))  # oldest released first
-        self._placing: set[int] = set()
         self._resident: list[list[int]] = [[] for _ in range(slots)]
         self.admit_limit = slots
         self._clean_since_oom = 0
@@ -180,7 +179,7 @@ class Engine:
     @property
     def has_room(self) -> bool:
         """Whether `admit` can take another request now."""
-        return len(self._running) < min(self.cache.slots, self.admit_limit)
+        return len(self._running) < self.admit_limit  # admit_limit <= slots
 
     def warmup(self) -> None:
         """Allocate the KV cache and capture the decode graphs before the first request."""
@@ -299,9 +298,8 @@ class Engine:
         if self._running.get(seq.row) is seq:
             del self._running[seq.row]
             self._free.append(seq.row)
-        elif seq.row in self._placing:
-            # Its prefill never completed: the row holds only what was there before it.
-            self._placing.discard(seq.row)
+        elif seq.row >= 0 and seq.row not in self._free:
+            # It took a row but its prefill never completed: the row holds only what was there.
             self._free.append(seq.row)
         if seq.future.done():
             return
@@ -361,7 +359,6 @@ class Engine:
         placement = place(ids, resident, self._free)
         seq.row = placement.row
         self._free.remove(seq.row)
-        self._placing.add(seq.row)
         self._resident[seq.row] = []
         reuse = placement.reuse
         if placement.source != seq.row:
@@ -385,7 +382,6 @@ class Engine:
             use_cache=True,
             logits_to_keep=0 if echo_all else 1,
         )
-        self._placing.discard(seq.row)
         self._resident[seq.row] = list(ids)
         self._running[seq.row] = seq
         seq.position = len(ids)

@@ -172,7 +172,7 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
             metrics.queue_depth.set(worker.queued)
             engine_ = worker.engine
             metrics.running.set(engine_.running)
-            metrics.rows.set(min(engine_.cache.slots, engine_.admit_limit))
+            metrics.rows.set(engine_.admit_limit)
             metrics.reused_tokens.set(engine_.reused_tokens)
             for kind, value in engine_.memory().items():
                 metrics.gpu_memory.labels(kind).set(value)
