@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from onegpu.engine.decode_step import kv_bucket
+from onegpu.engine.decode_step import additive_mask, kv_bucket
 from onegpu.engine.kvcache import SlotCache, bytes_per_token
 from onegpu.engine.prefix import Placement, common_prefix, place
 
@@ -142,3 +142,14 @@ def test_bytes_per_token_of_qwen_14b_and_a_gqa_model():
     )
     assert bytes_per_token(gqa, torch.bfloat16) == 48 * 2 * 8 * 128 * 2
     assert bytes_per_token(object(), torch.float16) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_additive_mask_is_zero_where_visible_and_never_nan_after_softmax(dtype):
+    visible = torch.tensor([[True, True, False], [False, False, False]])
+    mask = additive_mask(visible, dtype)
+    assert mask.dtype == dtype
+    assert mask[0].tolist() == [0, 0, torch.finfo(dtype).min]
+    weights = torch.softmax(torch.zeros(2, 3, dtype=torch.float32) + mask.float(), dim=-1)
+    assert weights[0].tolist() == [0.5, 0.5, 0.0]
+    assert not weights.isnan().any()  # a row that sees nothing is uniform, not NaN

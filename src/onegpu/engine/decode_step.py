@@ -38,6 +38,15 @@ def mask_dtype(model: torch.nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An attention mask to add to the scores: 0 where `visible`, the dtype's minimum elsewhere.
+
+    The minimum rather than -inf, so that a row that sees nothing softmaxes to uniform, not NaN.
+    """
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    return mask.masked_fill(~visible, torch.finfo(dtype).min)
+
+
 class DecodeStep:
     """Feeds one token per row and returns the next-token logits of every row [slots, V].
 
@@ -51,7 +60,7 @@ class DecodeStep:
         self.device = next(model.parameters()).device
         self.graphs = graphs and self.device.type == "cuda"
         slots = cache.slots
-        self._dtype = mask_dtype(model)
+        self.dtype = mask_dtype(model)
         self._input_ids = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
         self._positions = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
         self._write_at = torch.full((slots,), cache.scratch, dtype=torch.long, device=self.device)
@@ -91,8 +100,7 @@ class DecodeStep:
     def _forward(self, kv_len: int) -> torch.Tensor:
         # Row r sees columns 0..position[r]; idle rows (position 0) see column 0 only.
         visible = self._columns[:kv_len] <= self._positions  # [slots, kv_len]
-        mask = torch.zeros(visible.shape, dtype=self._dtype, device=self.device)
-        mask = mask.masked_fill(~visible, torch.finfo(self._dtype).min)[:, None, None, :]
+        mask = additive_mask(visible, self.dtype)[:, None, None, :]
         self.cache.decode(self._write_at, kv_len)
         out = self.model(
             input_ids=self._input_ids,

@@ -20,7 +20,7 @@ from functools import lru_cache
 
 import torch
 
-from onegpu.engine.decode_step import DecodeStep, mask_dtype
+from onegpu.engine.decode_step import DecodeStep, additive_mask
 from onegpu.engine.detokenize import IncrementalDetokenizer, token_pieces
 from onegpu.engine.kvcache import SlotCache
 from onegpu.engine.logprobs import finite, gather_logprobs
@@ -122,7 +122,6 @@ class Engine:
         self._token_text = lru_cache(maxsize=65536)(self._decode_one)
         self.cache = SlotCache(slots, info.max_context)
         self._decode_step = DecodeStep(model, self.cache, graphs=cuda_graphs)
-        self._mask_dtype = mask_dtype(model)
         self._running: dict[int, _Sequence] = {}
         self._free: list[int] = list(range(slots))  # oldest released first
         self._resident: list[list[int]] = [[] for _ in range(slots)]
@@ -370,9 +369,7 @@ class Engine:
         input_ids = torch.tensor([ids[reuse:]], device=self.device)  # [1, T]
         positions = torch.arange(reuse, len(ids), device=self.device)  # [T]
         columns = torch.arange(len(ids), device=self.device)
-        dtype = self._mask_dtype
-        mask = torch.zeros(count, len(ids), dtype=dtype, device=self.device)
-        mask = mask.masked_fill(columns[None, :] > positions[:, None], torch.finfo(dtype).min)
+        mask = additive_mask(columns[None, :] <= positions[:, None], self._decode_step.dtype)
         self.cache.prefill(seq.row, reuse, count)
         out = self.model(
             input_ids=input_ids,
