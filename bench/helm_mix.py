@@ -37,6 +37,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+from load import HELM_DEFAULTS  # noqa: E402
 from train_14b import QWEN_14B, TINY, WORDS, build_checkpoint, make_tokenizer  # noqa: E402
 
 SCENARIOS = 3
@@ -62,14 +63,7 @@ def few_shot_block(scenario: int, n_tokens: int) -> str:
 def mix(cycles: int, scale: float) -> list[dict]:
     """`cycles` x 20 request bodies, as HELM sends them, interleaved by kind."""
     rng = random.Random(0)
-    base = {
-        "temperature": 1e-7,
-        "num_return_sequences": 1,
-        "top_p": 1,
-        "echo_prompt": False,
-        "top_k_per_token": 1,
-        "stop_sequences": [],
-    }
+    base = HELM_DEFAULTS
     # Few-shot blocks of about 470, 940 and 1,690 tokens (1.25 tokens per word here), so the
     # prompts span 500-1,800 tokens with their question.
     blocks = [few_shot_block(s, int(n * scale)) for s, n in enumerate((380, 750, 1350))]

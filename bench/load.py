@@ -40,16 +40,20 @@ QUESTIONS = [
 ]
 
 
+# Every key HELM's client sends with each /process body (temperature 0 arrives as 1e-7).
+HELM_DEFAULTS = {
+    "temperature": 1e-7,
+    "num_return_sequences": 1,
+    "top_p": 1,
+    "echo_prompt": False,
+    "top_k_per_token": 1,
+    "stop_sequences": [],
+}
+
+
 def bodies() -> list[dict]:
     """The request shapes HELM sends in the challenge's tasks (all keys present, as HELM does)."""
-    base = {
-        "temperature": 1e-7,
-        "num_return_sequences": 1,
-        "top_p": 1,
-        "echo_prompt": False,
-        "top_k_per_token": 1,
-        "stop_sequences": [],
-    }
+    base = HELM_DEFAULTS
     out = []
     for i, q in enumerate(QUESTIONS):
         mc = f"Question: {q}\nA. one\nB. two\nC. three\nD. four\nAnswer:"
