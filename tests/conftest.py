@@ -13,6 +13,7 @@ from onegpu.engine.generate import Engine
 from onegpu.engine.types import ModelInfo
 
 REPO = Path(__file__).resolve().parents[1]
+HELM_PYTHON = REPO / ".venv-helm" / "bin" / "python"
 
 
 def _cuda_param():
@@ -27,6 +28,17 @@ def _cuda_param():
 
 # Engine tests run on every device: "cuda" is skipped on machines without a GPU.
 DEVICES = ["cpu", _cuda_param()]
+
+
+@pytest.fixture(scope="session")
+def helm_python() -> Path:
+    """crfm-helm's venv (scripts/setup-helm-venv); CI sets ONEGPU_REQUIRE_HELM=1: it must exist."""
+    if not HELM_PYTHON.exists():
+        message = "the HELM client venv is missing: run scripts/setup-helm-venv"
+        if os.environ.get("ONEGPU_REQUIRE_HELM") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return HELM_PYTHON
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ instead of skipping.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -18,19 +17,7 @@ from onegpu.settings import ServeSettings
 from tests.conftest import REPO
 from tests.live import live_server
 
-HELM_PYTHON = REPO / ".venv-helm" / "bin" / "python"
-
 pytestmark = [pytest.mark.helm, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def helm_python():
-    if not HELM_PYTHON.exists():
-        message = "the HELM client venv is missing: run scripts/setup-helm-venv"
-        if os.environ.get("ONEGPU_REQUIRE_HELM") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    return HELM_PYTHON
 
 
 def test_helm_run_synthetic_reasoning_with_zero_failures(helm_python, smol_engine, tmp_path):

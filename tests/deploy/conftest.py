@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
-import os
 import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -14,7 +12,6 @@ import pytest
 from tests.conftest import REPO
 
 SCRIPTS = REPO / "scripts"
-HELM_PYTHON = REPO / ".venv-helm" / "bin" / "python"
 
 
 def load_script(name: str) -> ModuleType:
@@ -37,14 +34,3 @@ def docker_steps() -> ModuleType:
 @pytest.fixture(scope="session")
 def run_helm() -> ModuleType:
     return load_script("run-helm")
-
-
-@pytest.fixture(scope="session")
-def helm_python() -> Path:
-    """crfm-helm's venv (scripts/setup-helm-venv); CI sets ONEGPU_REQUIRE_HELM=1: it must exist."""
-    if not HELM_PYTHON.exists():
-        message = "the HELM client venv is missing: run scripts/setup-helm-venv"
-        if os.environ.get("ONEGPU_REQUIRE_HELM") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    return HELM_PYTHON
