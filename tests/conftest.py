@@ -92,8 +92,16 @@ def tiny_qwen_model():
 
 
 def make_engine(
-    model, tokenizer, *, device: str = "cpu", max_context: int = 2048, **kwargs
+    model,
+    tokenizer,
+    *,
+    device: str = "cpu",
+    max_context: int = 2048,
+    block_size: int = 16,
+    contexts: int = 4,
+    **kwargs,
 ) -> Engine:
+    """An Engine over `model` with a pool of `contexts` full contexts (as `serve` plans a CPU)."""
     model = model.to(device)
     info = ModelInfo(
         name="tiny-qwen2",
@@ -102,7 +110,8 @@ def make_engine(
         max_context=max_context,
         vocab_size=len(tokenizer),
     )
-    return Engine(model, tokenizer, info=info, **kwargs)
+    kwargs.setdefault("num_blocks", contexts * -(-max_context // block_size) + 1)
+    return Engine(model, tokenizer, info=info, block_size=block_size, **kwargs)
 
 
 @pytest.fixture(scope="session")

@@ -13,9 +13,9 @@ from tests.conftest import make_engine
 class ScriptedLM(torch.nn.Module):
     """Puts `margin` more logit on the next scripted id than on any other; then end-of-text forever.
 
-    It follows the calling convention the engine relies on (input_ids [B, T], position_ids,
-    past_key_values, logits_to_keep) like a real model: a prefill pass (the cache names its row)
-    fixes where that row's prompt ends, and each position then predicts the script's next id.
+    It follows the calling convention the engine relies on (input_ids, position_ids, the pass
+    description `onegpu_pass`, logits_to_keep) like a real model: prefill passes tell it where
+    each sequence's prompt ends, and each position then predicts the script's next id.
     """
 
     def __init__(self, script: list[int], vocab_size: int, eos_id: int, margin: float = 8.0):
@@ -28,17 +28,28 @@ class ScriptedLM(torch.nn.Module):
         self._anchor = torch.nn.Parameter(torch.zeros(1))
         self.prompt_end: dict[int, int] = {}
 
-    def forward(self, input_ids, position_ids, past_key_values, logits_to_keep=0, **_):
-        row = past_key_values.prefill_row
-        rows = [row] if row is not None else list(range(input_ids.shape[0]))
-        if row is not None:
-            self.prompt_end[row] = int(position_ids[0, -1]) + 1
-        kept = position_ids[:, -logits_to_keep:] if logits_to_keep else position_ids
-        logits = torch.zeros(*kept.shape, self.vocab_size)
-        for b, r in enumerate(rows):
-            for t, position in enumerate(kept[b].tolist()):
-                # Index of the script id this position predicts (rows never prefilled: past it).
-                step = position - self.prompt_end.get(r, position + len(self.script)) + 1
+    def set_attn_implementation(self, name: str) -> None:
+        """It has no attention layers: the paged attention is never called."""
+
+    def forward(self, input_ids, position_ids, onegpu_pass, logits_to_keep=0, **_):
+        p = onegpu_pass
+        if p.decode:
+            kept = list(zip(p.keys, position_ids[:, 0].tolist(), strict=True))
+            batch = [[item] for item in kept]
+        else:
+            positions = position_ids[0].tolist()
+            starts = p.host_query_start
+            owner = []
+            for s, key in enumerate(p.keys):
+                owner += [key] * (starts[s + 1] - starts[s])
+                end = positions[starts[s + 1] - 1] + 1
+                self.prompt_end[key] = max(self.prompt_end.get(key, 0), end)
+            batch = [[(owner[i], positions[i]) for i in logits_to_keep.tolist()]]
+        logits = torch.zeros(len(batch), len(batch[0]), self.vocab_size)
+        for b, row in enumerate(batch):
+            for t, (key, position) in enumerate(row):
+                # Index of the script id this position predicts.
+                step = position - self.prompt_end.get(key, position + len(self.script)) + 1
                 done = not 0 <= step < len(self.script)
                 target = self.config.eos_token_id if done else self.script[step]
                 logits[b, t, target] = self.margin

@@ -55,20 +55,22 @@ def run_interleaved(engine, requests, *, join_every=2):
             future.set_running_or_notify_cancel()
             engine.admit(pending.pop(0), future)
             futures.append(future)
-        if engine.running:
+        if engine.busy:
             engine.step()
         steps += 1
     return [f.result() for f in futures]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("slots", [2, 7])
+@pytest.mark.parametrize("max_batch", [2, 7])
 def test_greedy_and_seeded_answers_are_the_same_alone_and_in_a_batch(
-    device, slots, tiny_qwen_model, qwen_tokenizer
+    device, max_batch, tiny_qwen_model, qwen_tokenizer
 ):
-    alone_engine = tiny_engine(tiny_qwen_model, qwen_tokenizer, device, slots=1, prefix_reuse=False)
+    alone_engine = tiny_engine(
+        tiny_qwen_model, qwen_tokenizer, device, max_batch=1, prefix_cache=False
+    )
     alone = [alone_engine.generate(r) for r in REQUESTS]
-    engine = tiny_engine(tiny_qwen_model, qwen_tokenizer, device, slots=slots)
+    engine = tiny_engine(tiny_qwen_model, qwen_tokenizer, device, max_batch=max_batch)
     batched = run_interleaved(engine, REQUESTS, join_every=1)
     for a, b in zip(alone, batched, strict=True):
         assert_same(a, b)
@@ -76,47 +78,47 @@ def test_greedy_and_seeded_answers_are_the_same_alone_and_in_a_batch(
 
 
 def test_requests_join_and_leave_between_steps(tiny_qwen_model, qwen_tokenizer):
-    engine = tiny_engine(tiny_qwen_model, qwen_tokenizer, slots=3)
+    engine = tiny_engine(tiny_qwen_model, qwen_tokenizer, max_batch=3)
     seen_running = []
     original_step = engine.step
 
     def step():
-        seen_running.append(engine.running)
         original_step()
+        seen_running.append(engine.running)
 
     engine.step = step
     results = run_interleaved(engine, REQUESTS * 2, join_every=3)
     assert len(results) == 2 * len(REQUESTS)
     # The batch grew and shrank: more than one request shared steps, and never more than 3.
-    assert max(seen_running) == 3 and min(seen_running) == 1
+    assert max(seen_running) == 3 == engine.peak_running and 1 in seen_running
     for a, b in zip(results[: len(REQUESTS)], results[len(REQUESTS) :], strict=True):
         assert_same(a, b)
 
 
 def test_a_shared_prefix_is_reused_from_a_running_row(tiny_qwen_model, qwen_tokenizer):
-    plain = tiny_engine(tiny_qwen_model, qwen_tokenizer, slots=2, prefix_reuse=False)
+    plain = tiny_engine(tiny_qwen_model, qwen_tokenizer, max_batch=2, prefix_cache=False)
     first = GenerationRequest(prompt=SHARED + " 2", max_new_tokens=12, temperature=0)
     second = GenerationRequest(prompt=SHARED + " 9, surely", max_new_tokens=5, temperature=0)
     expected = [plain.generate(first), plain.generate(second)]
 
-    engine = tiny_engine(tiny_qwen_model, qwen_tokenizer, slots=2)
+    engine = tiny_engine(tiny_qwen_model, qwen_tokenizer, max_batch=2, block_size=4)
     results = run_interleaved(engine, [first, second], join_every=2)
     shared = len(engine.tokenize(SHARED))
-    # The second prompt started from the first's cached rows (copied while it still ran).
-    assert engine.reused_tokens >= shared - 1
+    # The second prompt read the first's cached blocks while the first still ran.
+    assert engine.reused_tokens >= (shared - 1) // 4 * 4
     for a, b in zip(expected, results, strict=True):
         assert_same(a, b)
 
 
-def test_a_finished_rows_prompt_is_reused_in_place(tiny_qwen_model, qwen_tokenizer):
-    engine = tiny_engine(tiny_qwen_model, qwen_tokenizer, slots=2)
+def test_a_finished_requests_prompt_is_reused(tiny_qwen_model, qwen_tokenizer):
+    engine = tiny_engine(tiny_qwen_model, qwen_tokenizer, max_batch=2, block_size=4)
     engine.generate(GenerationRequest(prompt=SHARED + " 2", max_new_tokens=1, temperature=0))
     engine.generate(GenerationRequest(prompt=SHARED + " 7", max_new_tokens=1, temperature=0))
-    assert engine.reused_tokens >= len(engine.tokenize(SHARED))
+    assert engine.reused_tokens >= len(engine.tokenize(SHARED)) // 4 * 4
 
 
 def test_echo_recomputes_the_whole_prompt(tiny_qwen_model, qwen_tokenizer):
-    engine = tiny_engine(tiny_qwen_model, qwen_tokenizer, slots=2)
+    engine = tiny_engine(tiny_qwen_model, qwen_tokenizer, max_batch=2)
     request = GenerationRequest(prompt=SHARED, max_new_tokens=0, echo_prompt=True, temperature=0)
     first = engine.generate(request)
     second = engine.generate(request)
@@ -125,7 +127,7 @@ def test_echo_recomputes_the_whole_prompt(tiny_qwen_model, qwen_tokenizer):
 
 
 def test_cancelling_one_request_leaves_the_others_untouched(tiny_qwen_model, qwen_tokenizer):
-    engine = tiny_engine(tiny_qwen_model, qwen_tokenizer, slots=3)
+    engine = tiny_engine(tiny_qwen_model, qwen_tokenizer, max_batch=3)
     keep = GenerationRequest(prompt="The quick brown fox", max_new_tokens=10, temperature=0)
     expected = engine.generate(keep)
     drop = GenerationRequest(prompt="Cancel me", max_new_tokens=10, temperature=0)
@@ -152,22 +154,23 @@ class OomOnceInBatch(ScriptedLM):
         super().__init__(tokenizer.encode(" one two three four"), len(tokenizer), eos_id=151643)
         self.armed = True
 
-    def forward(self, input_ids, position_ids, past_key_values, logits_to_keep=0, **kwargs):
-        if self.armed and past_key_values.prefill_row is None:
+    def forward(self, input_ids, position_ids, onegpu_pass, logits_to_keep=0, **kwargs):
+        if self.armed and onegpu_pass.decode:
             self.armed = False
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return super().forward(input_ids, position_ids, past_key_values, logits_to_keep, **kwargs)
+        return super().forward(input_ids, position_ids, onegpu_pass, logits_to_keep, **kwargs)
 
 
 def test_out_of_memory_in_a_batch_fails_it_and_admits_less_afterwards(qwen_tokenizer):
-    engine = make_engine(OomOnceInBatch(qwen_tokenizer), qwen_tokenizer, slots=4)
+    engine = make_engine(OomOnceInBatch(qwen_tokenizer), qwen_tokenizer, max_batch=4)
     futures = []
     for prompt in ("a", "b", "c"):
         future: Future = Future()
         future.set_running_or_notify_cancel()
         engine.admit(GenerationRequest(prompt=prompt, max_new_tokens=4, temperature=0), future)
         futures.append(future)
-    engine.step()
+    while not all(future.done() for future in futures):
+        engine.step()  # a prefill pass, then the decode pass that fails
     for future in futures:
         with pytest.raises(EngineOverloadedError):
             future.result()
@@ -184,18 +187,18 @@ class OomOnPrefill(ScriptedLM):
         super().__init__(tokenizer.encode(" fine"), len(tokenizer), eos_id=151643)
         self.armed = True
 
-    def forward(self, input_ids, position_ids, past_key_values, logits_to_keep=0, **kwargs):
-        if self.armed and past_key_values.prefill_row is not None:
+    def forward(self, input_ids, position_ids, onegpu_pass, logits_to_keep=0, **kwargs):
+        if self.armed and not onegpu_pass.decode:
             self.armed = False
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return super().forward(input_ids, position_ids, past_key_values, logits_to_keep, **kwargs)
+        return super().forward(input_ids, position_ids, onegpu_pass, logits_to_keep, **kwargs)
 
 
 def test_a_failed_prefill_gives_its_row_back(qwen_tokenizer):
-    engine = make_engine(OomOnPrefill(qwen_tokenizer), qwen_tokenizer, slots=2)
+    engine = make_engine(OomOnPrefill(qwen_tokenizer), qwen_tokenizer, max_batch=2)
     with pytest.raises(EngineOverloadedError):
         engine.generate(GenerationRequest(prompt="a", max_new_tokens=2, temperature=0))
-    assert sorted(engine._free) == [0, 1] and engine.running == 0
+    assert engine.pool.in_use == 0 and engine.running == 0
     assert (
         engine.generate(GenerationRequest(prompt="b", max_new_tokens=2, temperature=0)).text
         == " fine"

@@ -3,7 +3,12 @@ import math
 import pytest
 import torch
 
-from onegpu.engine.sampling import choose_token, suppress, warp
+from onegpu.engine.sampling import pick, suppress, warp
+
+
+def choose_token(logits, **kwargs) -> int:
+    return int(pick(logits, **kwargs))
+
 
 LOGITS = torch.log(torch.tensor([0.5, 0.3, 0.2]))
 

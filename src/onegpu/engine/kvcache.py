@@ -1,15 +1,12 @@
-"""A KV cache of fixed rows ("slots"), one per running request, written in place.
+"""The KV cache tensors: per layer, one pool of blocks that every running sequence writes into.
 
-Each row holds up to `length` positions of one sequence, starting at position 0, so rows may be
-at different lengths: requests join and leave between decode steps without moving anyone's
-cache. One extra column past `length` is scratch: idle rows write their (ignored) decode output
-there, so a finished request's cache stays intact for prefix reuse.
+A layer's keys live in `[num_blocks, block_size, kv_heads, head_dim]` (values alike); position
+p of a sequence is slot `table[p // block_size] * block_size + p % block_size`. Which block
+belongs to whom is `blocks.BlockPool`'s business; this module only stores and reads.
 
-It stands in for a transformers `Cache`: the attention layers call `update(key, value, layer)`.
-Before each forward pass the caller says what that pass writes (`prefill` one row from a start
-position, or `decode` one token into every row); the caller also passes position ids and an
-explicit 4D attention mask, so the model never asks the cache for lengths. Every tensor the
-decode path touches keeps its address, which lets one CUDA graph replay it.
+`kv_dtype="int8"` stores each (position, head) vector as int8 with its own float32 scale
+(absmax / 127): about half the bytes of fp16, so about twice the positions fit in the same
+memory. Attention dequantizes on the fly (`gather` here, the Triton kernels on the GPU).
 """
 
 from __future__ import annotations
@@ -18,86 +15,100 @@ from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True, slots=True)
-class _Prefill:
-    row: int
-    start: int
-    count: int
+KV_DTYPES = ("auto", "int8")
 
 
-@dataclass(frozen=True, slots=True)
-class _Decode:
-    positions: torch.Tensor  # [slots] long, where each row writes this step
-    kv_len: int  # columns every row attends over (a bucket >= the longest active row)
+@dataclass
+class Layer:
+    """One layer's pools (and, for int8, their per-position-and-head scales)."""
 
-
-class SlotCache:
-    """`slots` rows of `length` cached positions per layer, allocated on the first forward pass."""
-
-    def __init__(self, slots: int, length: int) -> None:
-        self.slots = slots
-        self.length = length
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        self._rows: torch.Tensor | None = None
-        self._mode: _Prefill | _Decode | None = None
+    keys: torch.Tensor  # [num_blocks, block_size, kv_heads, head_dim]
+    values: torch.Tensor
+    key_scales: torch.Tensor | None = None  # [num_blocks, block_size, kv_heads] float32
+    value_scales: torch.Tensor | None = None
 
     @property
-    def scratch(self) -> int:
-        """The column idle rows write to; never attended."""
-        return self.length
+    def quantized(self) -> bool:
+        return self.key_scales is not None
 
-    @property
-    def prefill_row(self) -> int | None:
-        return self._mode.row if isinstance(self._mode, _Prefill) else None
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 over the last dim: (codes like x, scales [..., ] float32)."""
+    scales = x.float().abs().amax(dim=-1).clamp_min(1e-8) / 127.0
+    codes = torch.round(x.float() / scales[..., None]).clamp_(-127, 127).to(torch.int8)
+    return codes, scales
+
+
+class PagedKVCache:
+    """The pools of every layer, allocated on the first write (shapes come from the model)."""
+
+    def __init__(self, num_blocks: int, block_size: int, *, kv_dtype: str = "auto") -> None:
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}; got {kv_dtype!r}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.kv_dtype = kv_dtype
+        self.layers: dict[int, Layer] = {}
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        tensors = [
+            t
+            for layer in self.layers.values()
+            for t in (layer.keys, layer.values, layer.key_scales, layer.value_scales)
+            if t is not None
+        ]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
-    def prefill(self, row: int, start: int, count: int) -> None:
-        """The next pass writes `count` positions of `row` from `start` (its cache before stays)."""
-        if not 0 <= row < self.slots or start < 0 or start + count > self.length:
-            raise ValueError(f"prefill of row {row} at {start}+{count} is outside the cache")
-        self._mode = _Prefill(row, start, count)
+    def write(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor):
+        """Store this pass's key/value rows [N, kv_heads, head_dim] at `slots` [N]."""
+        layer = self.layers.get(layer_idx) or self._allocate(layer_idx, key)
+        heads, dim = key.shape[-2:]
+        if layer.quantized:
+            for codes_pool, scale_pool, x in (
+                (layer.keys, layer.key_scales, key),
+                (layer.values, layer.value_scales, value),
+            ):
+                codes, scales = quantize_int8(x)
+                codes_pool.view(-1, heads, dim).index_copy_(0, slots, codes)
+                scale_pool.view(-1, heads).index_copy_(0, slots, scales)
+            return layer
+        layer.keys.view(-1, heads, dim).index_copy_(0, slots, key.to(layer.keys.dtype))
+        layer.values.view(-1, heads, dim).index_copy_(0, slots, value.to(layer.values.dtype))
+        return layer
 
-    def decode(self, positions: torch.Tensor, kv_len: int) -> None:
-        """The next pass writes one token per row at `positions` and attends over `kv_len`."""
-        if not 0 < kv_len <= self.length:
-            raise ValueError(f"kv_len {kv_len} is outside 1..{self.length}")
-        self._mode = _Decode(positions, kv_len)
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_, **__):
-        """Store this pass's key/value [B, H, T, D] and return what the layer attends over."""
-        if layer_idx == len(self.keys):
-            self._allocate(key)
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        mode = self._mode
-        if isinstance(mode, _Prefill):
-            end = mode.start + mode.count
-            keys[mode.row, :, mode.start : end] = key[0]
-            values[mode.row, :, mode.start : end] = value[0]
-            return keys[mode.row : mode.row + 1, :, :end], values[mode.row : mode.row + 1, :, :end]
-        if isinstance(mode, _Decode):
-            keys[self._rows, :, mode.positions] = key[:, :, 0]
-            values[self._rows, :, mode.positions] = value[:, :, 0]
-            return keys[:, :, : mode.kv_len], values[:, :, : mode.kv_len]
-        raise RuntimeError("SlotCache.update called before prefill() or decode()")
-
-    def copy_prefix(self, src: int, dst: int, count: int) -> None:
-        """Copy the first `count` cached positions of row `src` into row `dst`."""
-        for tensor in self.keys + self.values:
-            tensor[dst, :, :count] = tensor[src, :, :count]
-
-    def _allocate(self, like: torch.Tensor) -> None:
-        shape = (self.slots, like.shape[1], self.length + 1, like.shape[3])
-        self.keys.append(torch.zeros(shape, dtype=like.dtype, device=like.device))
-        self.values.append(torch.zeros(shape, dtype=like.dtype, device=like.device))
-        if self._rows is None:
-            self._rows = torch.arange(self.slots, device=like.device)
+    def _allocate(self, layer_idx: int, like: torch.Tensor) -> Layer:
+        heads, dim = like.shape[-2:]
+        shape = (self.num_blocks, self.block_size, heads, dim)
+        device = like.device
+        if self.kv_dtype == "int8":
+            layer = Layer(
+                keys=torch.zeros(shape, dtype=torch.int8, device=device),
+                values=torch.zeros(shape, dtype=torch.int8, device=device),
+                key_scales=torch.zeros(shape[:-1], dtype=torch.float32, device=device),
+                value_scales=torch.zeros(shape[:-1], dtype=torch.float32, device=device),
+            )
+        else:
+            layer = Layer(
+                keys=torch.zeros(shape, dtype=like.dtype, device=device),
+                values=torch.zeros(shape, dtype=like.dtype, device=device),
+            )
+        self.layers[layer_idx] = layer
+        return layer
 
 
-def bytes_per_token(config, dtype: torch.dtype) -> int | None:
+def gather(layer: Layer, blocks: torch.Tensor, dtype: torch.dtype):
+    """Keys and values held in `blocks` [..., n]: two [..., n * block_size, heads, dim]."""
+    blocks = blocks.long()
+    out = []
+    for pool, scales in ((layer.keys, layer.key_scales), (layer.values, layer.value_scales)):
+        x = pool[blocks].flatten(-4, -3)  # [..., n * block_size, heads, dim]
+        if scales is not None:
+            x = x.float() * scales[blocks].flatten(-3, -2)[..., None]
+        out.append(x.to(dtype))
+    return out[0], out[1]
+
+
+def bytes_per_token(config, dtype: torch.dtype, kv_dtype: str = "auto") -> int | None:
     """KV bytes one cached position costs for a transformers config (None if unreadable)."""
     config = getattr(config, "text_config", config)
     layers = getattr(config, "num_hidden_layers", None)
@@ -106,4 +117,6 @@ def bytes_per_token(config, dtype: torch.dtype) -> int | None:
         return None
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return layers * 2 * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+    # int8: one byte per value plus one float32 scale per (position, head).
+    per_head = head_dim + 4 if kv_dtype == "int8" else head_dim * torch.finfo(dtype).bits // 8
+    return layers * 2 * kv_heads * per_head

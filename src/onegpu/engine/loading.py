@@ -22,9 +22,10 @@ log = logging.getLogger(__name__)
 
 # Of the GPU (or of its cap), the share weights + KV cache + activations may use: 22 of 24 GiB.
 MEMORY_TARGET = 0.9
-# Kept free for one prefill's activations at full context (logits, MLP, chunked echo scoring).
+# Kept free for a prefill chunk's activations (logits, MLP, echo scoring) and the decode graphs.
 ACTIVATION_RESERVE_GIB = 1.5
-CPU_SLOTS = 4
+# On the CPU, memory is not the limit: the pool holds this many full contexts.
+CPU_CONTEXTS = 4
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -48,6 +49,10 @@ class EngineConfig:
     trust_remote_code: bool = False
     max_batch: int = 32
     cuda_graphs: bool = True
+    kv_cache_dtype: str = "auto"
+    block_size: int = 16
+    prefill_chunk: int = 512
+    prefix_cache: bool = True
 
 
 def resolve_device(device: str) -> torch.device:
@@ -178,21 +183,27 @@ def load_engine(config: EngineConfig) -> Engine:
         config.adapter or "none",
         max_context,
     )
-    slots = plan_slots(
+    blocks = plan_blocks(
         model,
         device,
         dtype,
         max_context=max_context,
-        max_batch=config.max_batch,
+        block_size=config.block_size,
+        kv_dtype=config.kv_cache_dtype,
         gpu_memory_gib=config.gpu_memory_gib,
     )
     engine = Engine(
         model,
         tokenizer,
         info=info,
+        num_blocks=blocks,
+        block_size=config.block_size,
+        max_batch=config.max_batch,
+        prefill_chunk=config.prefill_chunk,
         default_stop=config.default_stop,
-        slots=slots,
         cuda_graphs=config.cuda_graphs,
+        prefix_cache=config.prefix_cache,
+        kv_dtype=config.kv_cache_dtype,
     )
     start = time.perf_counter()
     engine.warmup()
@@ -200,49 +211,56 @@ def load_engine(config: EngineConfig) -> Engine:
     return engine
 
 
-def plan_slots(
+def plan_blocks(
     model,
     device: torch.device,
     dtype: torch.dtype,
     *,
     max_context: int,
-    max_batch: int,
+    block_size: int,
+    kv_dtype: str,
     gpu_memory_gib: float | None,
 ) -> int:
-    """How many requests run at once: as many full-context KV rows as fit beside the weights.
+    """How many KV blocks the pool gets: the GPU memory left beside the weights.
 
-    On a 24 GiB card, Qwen-14B (40 KV heads, 800 KB per cached token) fits 3 rows of 2,048
-    positions under the 0.9 target; the rest of the requests wait in the queue, so the KV cache
-    can never run the card out of memory.
+    On a 24 GiB card with Qwen-14B (40 KV heads: 800 KB per position in fp16, 410 KB in int8)
+    that is about 6,100 positions in fp16 (12,000 in int8), shared by every running request and
+    the prefix cache. The pool must hold at least one full context, so that a request can always
+    finish alone; the scheduler admits by blocks, so the cache can never run the card out of
+    memory.
     """
+    full_context = -(-max_context // block_size) + 1  # + the null block
     if device.type != "cuda":
-        return min(max_batch, CPU_SLOTS)
-    per_token = bytes_per_token(model.config, dtype)
+        return CPU_CONTEXTS * full_context
+    per_token = bytes_per_token(model.config, dtype, kv_dtype)
     if per_token is None:
-        log.warning("cannot read the KV size from the model config: one request at a time")
-        return 1
+        log.warning("cannot read the KV size from the model config: one context's worth of cache")
+        return full_context
     index = device.index if device.index is not None else torch.cuda.current_device()
     total = torch.cuda.get_device_properties(index).total_memory
     cap = min(total, gpu_memory_gib * 2**30) if gpu_memory_gib else total
     budget = (
         cap * MEMORY_TARGET - torch.cuda.memory_allocated(index) - ACTIVATION_RESERVE_GIB * 2**30
     )
-    row = per_token * (max_context + 1)
-    if budget < row:
+    per_block = per_token * block_size
+    blocks = int(max(budget, 0) // per_block)
+    if blocks < full_context:
         raise ModelLoadError(
-            f"the KV cache of one {max_context}-token context needs {row / 2**30:.2f} GiB, but "
-            f"only {max(budget, 0) / 2**30:.2f} GiB are left beside the weights; lower "
-            "--max-context or raise --gpu-memory-gib"
+            f"the KV cache of one {max_context}-token context needs "
+            f"{full_context * per_block / 2**30:.2f} GiB, but only {max(budget, 0) / 2**30:.2f} "
+            "GiB are left beside the weights; lower --max-context, use --kv-cache-dtype int8 or "
+            "raise --gpu-memory-gib"
         )
-    slots = min(max_batch, int(budget // row))
     log.warning(
-        "KV cache: %d rows of %d positions (%.2f GiB; %.0f KB per token)",
-        slots,
-        max_context,
-        slots * row / 2**30,
+        "KV cache: %d blocks of %d positions = %d positions (%.2f GiB; %.0f KB per position, %s)",
+        blocks,
+        block_size,
+        blocks * block_size,
+        blocks * per_block / 2**30,
         per_token / 1024,
+        kv_dtype,
     )
-    return slots
+    return blocks
 
 
 def _load_adapter(model, adapter: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -11,19 +12,39 @@ import torch
 LOGPROB_FLOOR = -1e4
 
 
-def gather_logprobs(
-    logits: torch.Tensor, targets: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True, slots=True)
+class Gathered:
+    """Scores of T positions, on the CPU: the targets, their logprobs, the k best per position."""
+
+    targets: torch.Tensor  # [T] long
+    chosen: torch.Tensor  # [T] float32
+    top_values: torch.Tensor  # [T, k] float32, best first
+    top_ids: torch.Tensor  # [T, k] long
+
+
+def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int) -> Gathered:
     """Score `targets` under `logits`, and list the `k` most likely tokens at each position.
 
-    logits: [T, V] raw model output; targets: [T] token ids.
-    Returns (chosen [T], top_values [T, k], top_ids [T, k]), float32 on the CPU, all finite.
+    logits: [T, V] raw model output; targets: [T] token ids (on the logits' device or not).
+    Everything is computed where the logits are and copied to the host in one transfer: the
+    decode loop's only wait for the GPU. All values are finite.
     """
     logp = torch.log_softmax(logits.float(), dim=-1)  # [T, V]
     logp = torch.nan_to_num(logp, nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR).clamp_min(LOGPROB_FLOOR)
-    chosen = logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)  # [T]
+    targets = targets.to(logp.device).long()
+    chosen = logp.gather(-1, targets.unsqueeze(-1))  # [T, 1]
     top_values, top_ids = torch.topk(logp, k=min(k, logp.shape[-1]), dim=-1)  # [T, k]
-    return chosen.cpu(), top_values.cpu(), top_ids.cpu()
+    # float64 holds both the float32 values and the ids exactly: one copy for all four.
+    packed = torch.cat(
+        [targets[:, None].double(), chosen.double(), top_values.double(), top_ids.double()], 1
+    ).cpu()
+    width = top_values.shape[-1]
+    return Gathered(
+        targets=packed[:, 0].long(),
+        chosen=packed[:, 1].float(),
+        top_values=packed[:, 2 : 2 + width].float(),
+        top_ids=packed[:, 2 + width :].long(),
+    )
 
 
 def finite(value: float) -> float:

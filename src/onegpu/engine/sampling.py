@@ -48,20 +48,21 @@ def warp(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float) 
     return scores
 
 
-def choose_token(
+def pick(
     logits: torch.Tensor,
     *,
     temperature: float,
     top_k: int,
     top_p: float,
     generator: torch.Generator | None,
-) -> int:
-    """Pick the next token id from one row of raw logits [V].
+) -> torch.Tensor:
+    """The next token id from one row of raw logits [V], as a 0-d tensor on their device.
 
     Temperatures at or below GREEDY_TEMPERATURE (HELM sends 1e-7 for 0) take the argmax: dividing
-    by 1e-7 would overflow to inf and sampling would then be arbitrary.
+    by 1e-7 would overflow to inf and sampling would then be arbitrary. Nothing waits for the
+    device here: the batch's choices are read back together.
     """
     if temperature <= GREEDY_TEMPERATURE:
-        return int(torch.argmax(logits))
+        return torch.argmax(logits)
     probs = torch.softmax(warp(logits, temperature=temperature, top_k=top_k, top_p=top_p), dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.multinomial(probs, 1, generator=generator)[0]

@@ -1,4 +1,4 @@
-"""One thread owns the model: it admits queued requests into free cache rows and steps the batch."""
+"""One thread owns the model: it hands queued requests to the engine and steps the batch."""
 
 from __future__ import annotations
 
@@ -33,9 +33,10 @@ class Ticket:
 class EngineWorker:
     """Drives the engine on a dedicated thread; `submit` returns a Ticket.
 
-    Between decode steps, queued requests are admitted while the engine has a free row; the rest
-    wait in arrival order. The queue is bounded: when `max_queue` requests wait already, `submit`
-    refuses with EngineOverloadedError (a 503 with Retry-After) instead of letting memory grow.
+    Between steps, queued requests move to the engine while it has room (it starts them as KV
+    memory allows); the rest wait here in arrival order. The queue is bounded: when `max_queue`
+    requests wait already, `submit` refuses with EngineOverloadedError (a 503 with Retry-After)
+    instead of letting memory grow.
     """
 
     def __init__(self, engine, *, max_queue: int = 256) -> None:
@@ -77,7 +78,7 @@ class EngineWorker:
         while True:
             try:
                 stopping = self._admit(block=not stopping) or stopping
-                if self.engine.running:
+                if self.engine.busy:
                     self.engine.step()
                 elif stopping:
                     return
@@ -90,11 +91,11 @@ class EngineWorker:
                 return
 
     def _admit(self, *, block: bool) -> bool:
-        """Move queued requests into free rows; True once the stop marker was taken.
+        """Move queued requests to the engine; True once the stop marker was taken.
 
         Waits for the first request only when nothing runs (`block` and an idle engine).
         """
-        wait = block and not self.engine.running
+        wait = block and not self.engine.busy
         while self.engine.has_room:
             try:
                 item = self._queue.get(block=wait)

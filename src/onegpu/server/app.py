@@ -171,9 +171,14 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
         if worker is not None:
             metrics.queue_depth.set(worker.queued)
             engine_ = worker.engine
-            metrics.running.set(engine_.running)
-            metrics.rows.set(engine_.admit_limit)
-            metrics.reused_tokens.set(engine_.reused_tokens)
+            stats = engine_.stats()
+            metrics.running.set(stats["running"])
+            metrics.rows.set(stats["admit_limit"])
+            metrics.peak_running.set(stats["peak_running"])
+            metrics.reused_tokens.set(stats["reused_prompt_tokens"])
+            metrics.preemptions.set(stats["preemptions"])
+            for state in ("total", "in_use", "cached"):
+                metrics.kv_blocks.labels(state).set(stats[f"blocks_{state}"])
             for kind, value in engine_.memory().items():
                 metrics.gpu_memory.labels(kind).set(value)
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -50,17 +50,33 @@ class Metrics:
         )
         self.running = Gauge(
             "onegpu_running_requests",
-            "Requests decoding together now (at most onegpu_batch_rows)",
+            "Requests holding KV cache now, prefilling or decoding (at most onegpu_batch_rows)",
             registry=self.registry,
         )
         self.rows = Gauge(
             "onegpu_batch_rows",
-            "Requests the engine admits at once (KV cache rows, fewer after an out-of-memory)",
+            "Requests the engine runs at once (--max-batch, fewer after an out-of-memory)",
+            registry=self.registry,
+        )
+        self.peak_running = Gauge(
+            "onegpu_peak_running_requests",
+            "Most requests running at once since start",
             registry=self.registry,
         )
         self.reused_tokens = Gauge(
             "onegpu_reused_prompt_tokens",
-            "Prompt tokens taken from cached prefixes instead of recomputed, since start",
+            "Prompt tokens read from the prefix cache instead of recomputed, since start",
+            registry=self.registry,
+        )
+        self.kv_blocks = Gauge(
+            "onegpu_kv_blocks",
+            "KV cache blocks: total, in use by running requests, cached (named prefixes)",
+            ["state"],
+            registry=self.registry,
+        )
+        self.preemptions = Gauge(
+            "onegpu_preemptions",
+            "Requests preempted (KV cache full) and recomputed later, since start",
             registry=self.registry,
         )
         self.gpu_memory = Gauge(

@@ -1,0 +1,155 @@
+"""Attention over the paged KV cache, plugged into transformers' attention interface.
+
+The engine registers `paged_attention` under ATTENTION_NAME and switches the model to it, so a
+transformers model (Qwen2, Llama, ...) runs unchanged: each attention layer hands us its query
+and its new key/value (rotary already applied), we write the new positions into the pool and
+attend over each sequence's blocks. What a pass computes (`Pass`) comes as a model keyword, the
+way transformers passes flash-attention's sequence offsets.
+
+Two kinds of pass:
+- decode: one new token for each of B rows; a row attends over `lengths[row]` positions.
+- prefill: packed chunks of several prompts in one [1, N] batch; a chunk's token at position p
+  attends over its own sequence's positions 0..p (cached prefix + the chunk so far).
+
+Backends: Triton kernels on CUDA (`kernels.py`, no gathered copies, safe to capture in a CUDA
+graph), and a reference in plain torch (gather the blocks, then SDPA) for the CPU and for tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from onegpu.engine.kvcache import Layer, PagedKVCache, gather
+
+ATTENTION_NAME = "onegpu_paged"
+
+# Query rows per program of the Triton prefill kernel (also the tile size of `Pass.tiles`).
+PREFILL_TILE = 32
+
+
+@dataclass
+class Pass:
+    """One forward pass over the paged cache (device tensors, plus host copies for the CPU)."""
+
+    cache: PagedKVCache
+    decode: bool
+    slots: torch.Tensor  # [N] long: where each new token's key/value go
+    tables: torch.Tensor  # [S, W] int32: each sequence's block table (0-padded)
+    lengths: torch.Tensor  # [S] int32: positions each sequence attends over after this pass
+    query_start: torch.Tensor | None = None  # prefill: [S + 1] int32, chunk offsets in the pack
+    tiles: torch.Tensor | None = None  # prefill: [n, 2] int32, (sequence, first query row)
+    triton: bool = False
+    host_lengths: list[int] = field(default_factory=list)
+    host_query_start: list[int] = field(default_factory=list)
+    keys: list[int] = field(default_factory=list)  # the engine's id of each sequence
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    onegpu_pass: Pass | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature: query [B, Hq, T, D], key/value [B, Hkv, T, D]."""
+    if onegpu_pass is None:
+        return _unpaged(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    batch, q_heads, steps, dim = query.shape
+    kv_heads = key.shape[1]
+    scale = scaling if scaling is not None else dim**-0.5
+    rows = batch * steps
+    new_keys = key.transpose(1, 2).reshape(rows, kv_heads, dim)
+    new_values = value.transpose(1, 2).reshape(rows, kv_heads, dim)
+    layer = onegpu_pass.cache.write(module.layer_idx, new_keys, new_values, onegpu_pass.slots)
+    q = query.transpose(1, 2).reshape(rows, q_heads, dim)  # [N, Hq, D]
+    if onegpu_pass.triton:
+        from onegpu.engine import kernels
+
+        run = kernels.decode if onegpu_pass.decode else kernels.prefill
+    else:
+        run = decode_reference if onegpu_pass.decode else prefill_reference
+    out = run(q, layer, onegpu_pass, scale)
+    return out.view(batch, steps, q_heads, dim), None
+
+
+def decode_reference(q: torch.Tensor, layer: Layer, p: Pass, scale: float) -> torch.Tensor:
+    """q [B, Hq, D] -> [B, Hq, D]: each row over its first `lengths[row]` cached positions."""
+    lengths = p.host_lengths
+    block_size = layer.keys.shape[1]
+    width = -(-max(max(lengths), 1) // block_size)
+    keys, values = gather(layer, p.tables[:, :width], q.dtype)  # [B, L, Hkv, D]
+    positions = torch.arange(width * block_size, device=q.device)
+    visible = positions[None, :] < torch.tensor(lengths, device=q.device)[:, None]  # [B, L]
+    visible[:, 0] = True  # a padding row (length 0) must not softmax over nothing
+    out = F.scaled_dot_product_attention(
+        q[:, :, None, :],
+        keys.transpose(1, 2),
+        values.transpose(1, 2),
+        attn_mask=visible[:, None, None, :],
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out[:, :, 0, :]
+
+
+def prefill_reference(q: torch.Tensor, layer: Layer, p: Pass, scale: float) -> torch.Tensor:
+    """q [N, Hq, D] (packed chunks) -> [N, Hq, D], causal within each sequence."""
+    out = torch.empty_like(q)
+    block_size = layer.keys.shape[1]
+    starts = p.host_query_start
+    for s, length in enumerate(p.host_lengths):
+        begin, end = starts[s], starts[s + 1]
+        blocks = p.tables[s, : -(-length // block_size)]
+        keys, values = gather(layer, blocks, q.dtype)  # [>= L, Hkv, D]
+        keys, values = keys[:length], values[:length]
+        context = length - (end - begin)  # positions cached before this chunk
+        query_pos = torch.arange(context, length, device=q.device)
+        visible = torch.arange(length, device=q.device)[None, :] <= query_pos[:, None]  # [T, L]
+        out[begin:end] = F.scaled_dot_product_attention(
+            q[begin:end].transpose(0, 1),
+            keys.transpose(0, 1),
+            values.transpose(0, 1),
+            attn_mask=visible,
+            scale=scale,
+            enable_gqa=True,
+        ).transpose(0, 1)
+    return out
+
+
+def _unpaged(module, query, key, value, attention_mask, scaling, dropout, **kwargs):
+    """A call from outside the engine (e.g. transformers' generate() in a benchmark): SDPA.
+
+    transformers builds no mask for a custom attention, so only unpadded single sequences are
+    right here; anything else is refused rather than answered wrongly.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[0] != 1 or attention_mask is not None:
+        raise RuntimeError(
+            "the model is set up for onegpu's paged attention; outside the engine only single "
+            "unpadded sequences are supported"
+        )
+    return sdpa_attention_forward(module, query, key, value, None, dropout, scaling, **kwargs)
+
+
+def install(model: torch.nn.Module) -> None:
+    """Register `paged_attention` with transformers and switch `model` to it."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, paged_attention)
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is None:
+        raise TypeError(f"{type(model).__name__} does not use transformers' attention interface")
+    setter(ATTENTION_NAME)
+
+
+def prefill_tiles(chunk_lengths: list[int], tile: int = PREFILL_TILE) -> list[tuple[int, int]]:
+    """(sequence, first query row) for each tile of `tile` query rows of each packed chunk."""
+    return [(s, start) for s, n in enumerate(chunk_lengths) for start in range(0, n, tile)]

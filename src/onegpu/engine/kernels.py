@@ -1,0 +1,241 @@
+"""Triton kernels for attention over the paged KV cache (CUDA; the Triton interpreter on a CPU).
+
+decode: split-K ("flash decoding"). Program (row, head, split) runs an online softmax over up
+to SPLIT_BLOCKS blocks of its row's table and writes a partial result; a second kernel merges
+the splits. The grid depends only on the batch and the table width, never on the lengths, so a
+replayed CUDA graph stays valid as sequences grow: programs past a row's length return at once.
+
+prefill: flash attention over packed chunks. Program (tile, head) takes up to PREFILL_TILE query
+rows of one sequence's chunk and walks that sequence's blocks up to its last query position,
+causal on the diagonal. Cached prefixes are read from the pool where they are, never copied.
+
+int8 pools are dequantized on load with their per-(position, head) scales. Head sizes that are
+not a power of two are padded with masks.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from onegpu.engine.attention import PREFILL_TILE, Pass
+from onegpu.engine.kvcache import Layer
+
+# Blocks one decode program walks: 16 blocks of 16 positions = 256 positions per split.
+SPLIT_BLOCKS = 16
+
+
+@triton.jit
+def _decode_split(
+    Q, K, V, KS, VS, TABLES, LENGTHS, ACC, MAX, SUM,
+    scale,
+    stride_qb, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_sb, stride_st, stride_sh,
+    stride_tb,
+    stride_ab, stride_ah, stride_as,
+    stride_mb, stride_mh,
+    GROUP: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+    SPLIT: tl.constexpr, QUANT: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    split = tl.program_id(2)
+    length = tl.load(LENGTHS + row)
+    first = split * SPLIT
+    if first * BLOCK >= length:
+        return
+    blocks = tl.minimum(SPLIT, tl.cdiv(length, BLOCK) - first)
+    kv_head = head // GROUP
+    dims = tl.arange(0, DP)
+    dim_ok = dims < D
+    offsets = tl.arange(0, BLOCK)
+    q = tl.load(Q + row * stride_qb + head * stride_qh + dims, mask=dim_ok, other=0.0)
+    q = q.to(tl.float32) * scale
+    m = tl.full([1], float("-inf"), tl.float32)
+    total = tl.zeros([1], tl.float32)
+    acc = tl.zeros([DP], tl.float32)
+    for i in range(0, blocks):
+        index = first + i
+        block = tl.load(TABLES + row * stride_tb + index)
+        kv = block * stride_kb + offsets[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
+        k = tl.load(K + kv, mask=dim_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK, DP]
+        v = tl.load(V + kv, mask=dim_ok[None, :], other=0.0).to(tl.float32)
+        if QUANT:
+            at = block * stride_sb + offsets * stride_st + kv_head * stride_sh
+            k = k * tl.load(KS + at)[:, None]
+            v = v * tl.load(VS + at)[:, None]
+        scores = tl.sum(k * q[None, :], axis=1)  # [BLOCK]
+        scores = tl.where(index * BLOCK + offsets < length, scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=0))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new)
+        total = total * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        m = m_new
+    out = row * stride_ab + head * stride_ah + split * stride_as
+    tl.store(ACC + out + dims, acc, mask=dim_ok)
+    stats = row * stride_mb + head * stride_mh + split + tl.arange(0, 1)
+    tl.store(MAX + stats, m)
+    tl.store(SUM + stats, total)
+
+
+@triton.jit
+def _decode_merge(
+    ACC, MAX, SUM, LENGTHS, OUT,
+    stride_ab, stride_ah, stride_as,
+    stride_mb, stride_mh,
+    stride_ob, stride_oh,
+    BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+    SPLIT: tl.constexpr, SP: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    length = tl.load(LENGTHS + row)
+    used = tl.cdiv(length, BLOCK * SPLIT)  # splits that ran (0 for a padding row)
+    splits = tl.arange(0, SP)
+    ran = splits < used
+    dims = tl.arange(0, DP)
+    dim_ok = dims < D
+    stats = row * stride_mb + head * stride_mh + splits
+    m = tl.load(MAX + stats, mask=ran, other=-1e30)
+    total = tl.load(SUM + stats, mask=ran, other=0.0)
+    weight = tl.exp(m - tl.max(m, axis=0))  # [SP]; 1 everywhere when nothing ran, with total 0
+    acc = tl.load(
+        ACC + row * stride_ab + head * stride_ah + splits[:, None] * stride_as + dims[None, :],
+        mask=ran[:, None] & dim_ok[None, :],
+        other=0.0,
+    )
+    numerator = tl.sum(acc * weight[:, None], axis=0)
+    denominator = tl.maximum(tl.sum(total * weight, axis=0), 1e-30)
+    out = numerator / denominator
+    tl.store(
+        OUT + row * stride_ob + head * stride_oh + dims, out.to(OUT.dtype.element_ty), mask=dim_ok
+    )
+
+
+@triton.jit
+def _prefill(
+    Q, K, V, KS, VS, TABLES, QUERY_START, LENGTHS, TILES, OUT,
+    scale,
+    stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_sb, stride_st, stride_sh,
+    stride_tb,
+    stride_ot, stride_oh,
+    GROUP: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+    TILE: tl.constexpr, QUANT: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.load(TILES + tile * 2)
+    first_row = tl.load(TILES + tile * 2 + 1)  # within the chunk
+    begin = tl.load(QUERY_START + seq)
+    chunk = tl.load(QUERY_START + seq + 1) - begin
+    length = tl.load(LENGTHS + seq)
+    context = length - chunk  # positions cached before this chunk
+    kv_head = head // GROUP
+    dims = tl.arange(0, DP)
+    dim_ok = dims < D
+    rows = first_row + tl.arange(0, TILE)
+    row_ok = rows < chunk
+    q = tl.load(
+        Q + (begin + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :],
+        mask=row_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    )
+    q = (q.to(tl.float32) * scale).to(Q.dtype.element_ty)
+    positions = context + rows  # [TILE] absolute positions of the queries
+    last = context + tl.minimum(first_row + TILE, chunk) - 1
+    offsets = tl.arange(0, BLOCK)
+    m = tl.full([TILE], float("-inf"), tl.float32)
+    total = tl.zeros([TILE], tl.float32)
+    acc = tl.zeros([TILE, DP], tl.float32)
+    for index in range(0, last // BLOCK + 1):
+        block = tl.load(TABLES + seq * stride_tb + index)
+        kv = block * stride_kb + offsets[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
+        k = tl.load(K + kv, mask=dim_ok[None, :], other=0.0)  # [BLOCK, DP]
+        v = tl.load(V + kv, mask=dim_ok[None, :], other=0.0)
+        if QUANT:
+            at = block * stride_sb + offsets * stride_st + kv_head * stride_sh
+            k = (k.to(tl.float32) * tl.load(KS + at)[:, None]).to(Q.dtype.element_ty)
+            v = (v.to(tl.float32) * tl.load(VS + at)[:, None]).to(Q.dtype.element_ty)
+        scores = tl.dot(q, tl.trans(k))  # [TILE, BLOCK] fp32
+        visible = (index * BLOCK + offsets)[None, :] <= positions[:, None]
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        total = total * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    out = acc / total[:, None]
+    tl.store(
+        OUT + (begin + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :],
+        out.to(OUT.dtype.element_ty),
+        mask=row_ok[:, None] & dim_ok[None, :],
+    )
+
+
+def _scale_strides(layer: Layer) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
+    if layer.key_scales is None:  # unused by the kernel; any tensor with the right rank
+        return layer.keys, layer.values, (0, 0, 0)
+    return layer.key_scales, layer.value_scales, tuple(layer.key_scales.stride())
+
+
+def decode(q: torch.Tensor, layer: Layer, p: Pass, scale: float) -> torch.Tensor:
+    """q [B, Hq, D] -> [B, Hq, D] over each row's first `p.lengths[row]` positions."""
+    rows, q_heads, dim = q.shape
+    block_size, kv_heads = layer.keys.shape[1], layer.keys.shape[2]
+    dp = triton.next_power_of_2(dim)
+    splits = triton.cdiv(p.tables.shape[1], SPLIT_BLOCKS)
+    acc = torch.empty(rows, q_heads, splits, dp, dtype=torch.float32, device=q.device)
+    maxes = torch.empty(rows, q_heads, splits, dtype=torch.float32, device=q.device)
+    sums = torch.empty_like(maxes)
+    key_scales, value_scales, scale_strides = _scale_strides(layer)
+    _decode_split[(rows, q_heads, splits)](
+        q, layer.keys, layer.values, key_scales, value_scales, p.tables, p.lengths,
+        acc, maxes, sums,
+        scale,
+        q.stride(0), q.stride(1),
+        layer.keys.stride(0), layer.keys.stride(1), layer.keys.stride(2),
+        *scale_strides,
+        p.tables.stride(0),
+        acc.stride(0), acc.stride(1), acc.stride(2),
+        maxes.stride(0), maxes.stride(1),
+        GROUP=q_heads // kv_heads, BLOCK=block_size, D=dim, DP=dp,
+        SPLIT=SPLIT_BLOCKS, QUANT=layer.quantized,
+    )  # fmt: skip
+    out = torch.empty_like(q)
+    _decode_merge[(rows, q_heads)](
+        acc, maxes, sums, p.lengths, out,
+        acc.stride(0), acc.stride(1), acc.stride(2),
+        maxes.stride(0), maxes.stride(1),
+        out.stride(0), out.stride(1),
+        BLOCK=block_size, D=dim, DP=dp,
+        SPLIT=SPLIT_BLOCKS, SP=triton.next_power_of_2(splits),
+    )  # fmt: skip
+    return out
+
+
+def prefill(q: torch.Tensor, layer: Layer, p: Pass, scale: float) -> torch.Tensor:
+    """q [N, Hq, D] (packed chunks) -> [N, Hq, D], causal within each sequence."""
+    tokens, q_heads, dim = q.shape
+    block_size, kv_heads = layer.keys.shape[1], layer.keys.shape[2]
+    dp = max(triton.next_power_of_2(dim), 16)
+    out = torch.empty_like(q)
+    key_scales, value_scales, scale_strides = _scale_strides(layer)
+    _prefill[(p.tiles.shape[0], q_heads)](
+        q, layer.keys, layer.values, key_scales, value_scales, p.tables, p.query_start,
+        p.lengths, p.tiles, out,
+        scale,
+        q.stride(0), q.stride(1),
+        layer.keys.stride(0), layer.keys.stride(1), layer.keys.stride(2),
+        *scale_strides,
+        p.tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=q_heads // kv_heads, BLOCK=block_size, D=dim, DP=dp,
+        TILE=PREFILL_TILE, QUANT=layer.quantized,
+    )  # fmt: skip
+    return out

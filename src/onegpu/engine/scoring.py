@@ -1,0 +1,90 @@
+"""From logits to answers: each sequence's next token and every score HELM reads.
+
+`choose` picks every row's token on the device (one argmax for the greedy rows, seeded sampling
+for the others, end-of-text suppressed before `min_new_tokens`); `score` turns logits and targets
+into raw logprobs with their top alternatives, copied back in one transfer. Echoed prompts are
+scored position by position as their chunks are prefilled (`prompt_scores`), then paired with
+the prompt's text pieces (`echo_tokens`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from onegpu.engine.logprobs import finite, gather_logprobs
+from onegpu.engine.sampling import pick, suppress
+from onegpu.engine.sequence import Scored
+from onegpu.engine.sequence import Sequence as Running
+from onegpu.engine.types import TokenInfo
+
+# Positions scored at once: bounds the float32 log-softmax temporaries ([256, V]).
+SCORE_CHUNK = 256
+
+
+def choose(logits: torch.Tensor, seqs: Sequence[Running]) -> torch.Tensor:
+    """Each sequence's next token from its row of `logits` [n, V]: ids [n] on the device."""
+    choice = logits
+    early = [i for i, seq in enumerate(seqs) if len(seq.scored) < seq.request.min_new_tokens]
+    if early:
+        choice = logits.clone()
+        for i in early:
+            choice[i] = suppress(logits[i], seqs[i].eos_ids)
+    chosen = torch.argmax(choice, dim=-1)
+    for i, seq in enumerate(seqs):
+        request = seq.request
+        if not request.greedy:
+            chosen[i] = pick(
+                choice[i],
+                temperature=request.temperature,
+                top_k=request.top_k,
+                top_p=request.top_p,
+                generator=seq.generator,
+            )
+    return chosen
+
+
+def score(
+    logits: torch.Tensor, targets: torch.Tensor, k: int, token_text: Callable[[int], str]
+) -> list[Scored]:
+    """Score `targets` [T] under `logits` [T, V]: raw logprob and the k best per position."""
+    scored = []
+    for begin in range(0, len(targets), SCORE_CHUNK):
+        end = begin + SCORE_CHUNK
+        got = gather_logprobs(logits[begin:end], targets[begin:end], k)
+        for t, token_id in enumerate(got.targets.tolist()):
+            top: dict[str, float] = {}
+            for value, alt in zip(got.top_values[t].tolist(), got.top_ids[t].tolist(), strict=True):
+                top.setdefault(token_text(alt), finite(value))
+            scored.append(Scored(token_id, finite(float(got.chosen[t])), top))
+    return scored
+
+
+def prompt_scores(
+    prompt_ids: list[int],
+    start: int,
+    logits: torch.Tensor,
+    k: int,
+    token_text: Callable[[int], str],
+) -> list[Scored]:
+    """Scores of the prompt tokens that the logits at positions start.. [T, V] predict.
+
+    The logits at position p predict token p + 1; the last prompt position predicts the first
+    generated token, which is not the prompt's to score.
+    """
+    targets = prompt_ids[start + 1 : start + 1 + len(logits)]
+    if not targets:
+        return []
+    return score(logits[: len(targets)], torch.tensor(targets), k, token_text)
+
+
+def echo_tokens(pieces: list[str], scores: list[Scored]) -> list[TokenInfo]:
+    """The echoed prompt: token t scored by the logits at t - 1 (the first gets 0, no top)."""
+    if not pieces:
+        return []
+    first = TokenInfo(text=pieces[0], logprob=0.0, top_logprob={})
+    return [first] + [
+        TokenInfo(text=piece, logprob=s.logprob, top_logprob=s.top)
+        for piece, s in zip(pieces[1:], scores, strict=True)
+    ]
