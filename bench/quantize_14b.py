@@ -274,26 +274,29 @@ def main() -> int:
         bench.run("build", build)
 
         def quant(rec: dict) -> None:
-            from onegpu.quantize.gptq import METADATA_FILE, quantize
+            from onegpu.provenance import RECORD_FILE
+            from onegpu.quantize.gptq import quantize
+            from onegpu.settings import QuantizeSettings
 
             calib = write_calibration(
                 work / "calibration.txt", max(4 * args.seq_len, args.n_samples * args.seq_len)
             )
-            quantize(
-                base,
-                quantized,
+            settings = QuantizeSettings(
+                model=str(base),
+                output=quantized,
                 bits=args.bits,
                 group_size=group_size,
-                calibration=calib,
-                n_samples=args.n_samples,
+                calibration=str(calib),
+                samples=args.n_samples,
                 seq_len=args.seq_len,
                 device=str(device),
                 gpu_memory_gib=args.gpu_memory_gib if cuda else None,
                 eval_data=None,
                 overwrite=True,
             )
+            quantize(settings)
             rec["output_bytes"] = _dir_bytes(quantized)
-            meta = json.loads((quantized / METADATA_FILE).read_text())
+            meta = json.loads((quantized / RECORD_FILE).read_text())
             rec["onegpu_json_timings_s"] = meta.get("timings_s")
             rec["onegpu_json_memory"] = meta.get("memory")
             peaks = (meta.get("memory") or {}).get("peak_gpu_bytes") or {}

@@ -197,15 +197,16 @@ def make_data(path: Path, n: int, max_words: int) -> list[str]:
 
 
 def child(args: argparse.Namespace) -> None:
+    from onegpu.settings import TrainSettings
     from onegpu.train import train
 
     out = Path(args.work) / f"adapter-b{args.batch_size}"
     cuda = torch.cuda.is_available() and args.device != "cpu"
     started = time.perf_counter()
-    train(
-        args.model,
-        [str(Path(args.work) / "data.jsonl")],
-        out,
+    settings = TrainSettings(
+        model=args.model,
+        data=[str(Path(args.work) / "data.jsonl")],
+        output=out,
         quantization="gptq",
         template="plain",
         max_length=args.seq_len,
@@ -224,6 +225,7 @@ def child(args: argparse.Namespace) -> None:
         overwrite=True,
         progress=False,
     )
+    train(settings)
     record = json.loads((out / "onegpu.json").read_text())
     steps = record["losses"]["train"]
     timed = [s["seconds"] for s in steps[1:]] or [steps[0]["seconds"]]
@@ -236,7 +238,7 @@ def child(args: argparse.Namespace) -> None:
         "tokens_per_step": steps[-1]["tokens"],
         "tokens_per_s": steps[-1]["tokens"] / statistics.median(timed),
         "losses": [round(s["loss"], 4) for s in steps],
-        "peak_allocated_gib": (record["memory"]["peak_gpu_bytes"] or 0) / 2**30,
+        "peak_allocated_gib": (record["memory"]["peak_gpu_bytes"] or {}).get("train", 0) / 2**30,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
         "load_s": record["timings_s"]["load"],
         "total_s": time.perf_counter() - started,

@@ -1,37 +1,49 @@
-"""`onegpu serve | ...`: thin shells that parse arguments and call one function each."""
+"""`onegpu serve | quantize | train | config`: thin shells over one function per job.
+
+Every flag is a field of the job's class in `onegpu.settings`, made into a flag here; a flag left
+out falls back to the field's environment variable, then to its default. `main` is the one error
+boundary: a `UserError` (bad argument, missing or incompatible model, bad data, an output already
+there) prints one line and exits 2; any other failure prints one line and exits 1; the traceback
+comes only with `--log-level DEBUG`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
-from collections.abc import Sequence
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import SettingsError
+
+from onegpu.errors import UserError
+from onegpu.settings import JobSettings, QuantizeSettings, ServeSettings, TrainSettings
 
 log = logging.getLogger("onegpu")
 
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+# Exit statuses: a mistake the person can fix, a failure of the job, Ctrl-C.
+USER_ERROR, FAILURE, INTERRUPTED = 2, 1, 130
 
 
-def _serve(args: argparse.Namespace) -> int:
+# -- the jobs -----------------------------------------------------------------------------------
+
+
+def serve(settings: ServeSettings) -> None:
     import uvicorn
 
+    from onegpu.engine.loading import load_engine
     from onegpu.server.app import create_app
-    from onegpu.settings import ServeSettings
 
-    overrides = {
-        k: v for k, v in vars(args).items() if k in ServeSettings.model_fields and v is not None
-    }
-    settings = ServeSettings(**overrides)
-    configure_logging(settings.log_level)
-    app = create_app(settings)
+    # Loaded here rather than in the app's lifespan so that a model that cannot load is a one-line
+    # error; either way the port opens only once the model is ready.
+    engine = load_engine(settings.engine_config())
     uvicorn.run(
-        app,
+        create_app(settings, engine=engine),
         host=settings.host,
         port=settings.port,
         workers=1,
@@ -39,51 +51,229 @@ def _serve(args: argparse.Namespace) -> int:
         # On SIGTERM, in-flight requests get this long to finish before connections close.
         timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
-    return 0
+
+
+def quantize(settings: QuantizeSettings) -> None:
+    from onegpu.quantize.gptq import quantize
+
+    print(quantize(settings))
+
+
+def train(settings: TrainSettings) -> None:
+    from onegpu.train.job import merge, train
+
+    if settings.merge_only:
+        merge(settings.output, settings.merge_base, settings.merged_to)
+        return
+    path = train(settings)
+    log.info("adapter ready: onegpu serve --model %s --adapter %s", settings.model, path)
+
+
+@dataclass(frozen=True)
+class Job:
+    settings: type[JobSettings]
+    run: Callable[[typing.Any], None]
+    help: str
+    epilog: str = ""
+
+
+QUANTIZE_EPILOG = """\
+examples:
+  onegpu quantize --output models/qwen14b-gptq8     # Qwen/Qwen-14B, 120 x 2048 WikiText-2
+  onegpu quantize Qwen/Qwen2.5-14B --output models/qwen25-14b-gptq8 --ppl-threshold 0.02
+  onegpu quantize ./my-model --output out/q8 --calibration my.txt --samples 64 --seq-len 1024
+
+Qwen v1 checkpoints (QWenLMHeadModel, qwen.tiktoken) are first converted to the native Qwen2
+layout in --converted (default: OUTPUT.qwen2), which is kept and reused; the conversion is exact
+within Qwen-14B's 2048-token window. A 14B run needs one GPU with 24 GB, about 35 GB of host RAM
+and about 75 GB of disk (download, converted copy, output).
+"""
+
+TRAIN_EPILOG = """\
+data sources: oasst1, lima, arc-challenge, arc-easy, dolly, platypus (through `datasets`, from
+the Hugging Face Hub) or a local .jsonl file of {"prompt", "response"} or {"messages": [...]}
+objects; add :WEIGHT to scale a source (dolly:0.5 = a random half, mine.jsonl:2 = twice).
+
+examples:
+  onegpu train --model out/qwen14b-gptq8 --data oasst1 --data dolly:0.5 --data mine.jsonl:2 \\
+      --output out/adapter --packing --gpu-memory-gib 24
+  onegpu serve --model out/qwen14b-gptq8 --adapter out/adapter
+  onegpu train --output out/adapter --merge-only --merge-base Qwen/Qwen2.5-14B
+"""
+
+JOBS = {
+    "serve": Job(ServeSettings, serve, "serve /process, /tokenize and /decode over HTTP"),
+    "quantize": Job(
+        QuantizeSettings,
+        quantize,
+        "GPTQ 8-bit quantization with WikiText-2 calibration (through GPTQModel)",
+        QUANTIZE_EPILOG,
+    ),
+    "train": Job(
+        TrainSettings,
+        train,
+        "train a LoRA adapter (on the 8-bit GPTQ base, or QLoRA on NF4) for `serve --adapter`",
+        TRAIN_EPILOG,
+    ),
+}
+
+
+# -- settings as flags --------------------------------------------------------------------------
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose mistakes are one-line user errors instead of a usage dump."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def shown(value: object) -> str:
+    """A default as `--help` and the README show it."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list | tuple):
+        return json.dumps(list(value))
+    return str(value)
+
+
+def _nullable(field: FieldInfo) -> bool:
+    return type(None) in typing.get_args(field.annotation)
+
+
+def _metavar(name: str, field: FieldInfo) -> str:
+    kind = field.annotation
+    if _nullable(field):  # X | None: describe X
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if typing.get_origin(kind) is typing.Literal:
+        return "{" + ",".join(map(str, typing.get_args(kind))) + "}"
+    return {int: "N", float: "NUM"}.get(kind, name.upper())
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[JobSettings]) -> None:
+    """One argument per field of `cls`, none with a default of its own: a flag left out is absent
+    from the namespace, and pydantic-settings fills that field from the environment or default."""
+    for name, field in cls.model_fields.items():
+        default = (
+            "required"
+            if field.is_required()
+            else f"default: {shown(field.get_default(call_default_factory=True))}"
+        )
+        text = f"{field.description} [{default}; env {cls.env_name(name)}]"
+        kwargs: dict[str, typing.Any] = {
+            "default": argparse.SUPPRESS,
+            "help": text.replace("%", "%%"),
+        }
+        if name in cls.cli_positional:
+            parser.add_argument(name, nargs="?", metavar=name.upper(), **kwargs)
+        elif field.annotation is bool:
+            parser.add_argument(
+                flag(name), dest=name, action=argparse.BooleanOptionalAction, **kwargs
+            )
+        elif typing.get_origin(field.annotation) in (list, tuple):
+            parser.add_argument(flag(name), dest=name, action="append", metavar="TEXT", **kwargs)
+        else:
+            parser.add_argument(flag(name), dest=name, metavar=_metavar(name, field), **kwargs)
+
+
+def settings_from_args(cls: type[JobSettings], args: argparse.Namespace) -> JobSettings:
+    """The job's settings: flags given, then environment variables, then defaults."""
+    given = {k: v for k, v in vars(args).items() if k in cls.model_fields}
+    for name, value in given.items():
+        if value == "none" and _nullable(cls.model_fields[name]):
+            given[name] = None
+    try:
+        return cls(**given)
+    except ValidationError as exc:
+        raise UserError("; ".join(_explain(cls, e) for e in exc.errors())) from exc
+    except SettingsError as exc:  # an environment variable that does not parse
+        raise UserError(f"{exc} (complex values such as lists are JSON there)") from exc
+
+
+def _explain(cls: type[JobSettings], error: typing.Any) -> str:
+    """One pydantic error in the person's terms: the flag and variable, what is wrong."""
+    message = error["msg"].removeprefix("Value error, ")
+    name = error["loc"][0] if error["loc"] else None
+    if name not in cls.model_fields:
+        return message
+    where = name.upper() if name in cls.cli_positional else flag(name)
+    if error["type"] == "missing":
+        return f"{where} is required (or set {cls.env_name(name)})"
+    return f"{where} (or {cls.env_name(name)}): {message}; got {error['input']!r}"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onegpu", description=__doc__)
-    jobs = parser.add_subparsers(dest="job", required=True)
-
-    serve = jobs.add_parser("serve", help="serve /process, /tokenize and /decode over HTTP")
-    serve.add_argument("--host", help="bind address (default 0.0.0.0)")
-    serve.add_argument("--port", type=int, help="port (default 8080; the container uses 80)")
-    serve.add_argument("--model", help="local folder or hub id (default: embedded SmolLM2-135M)")
-    serve.add_argument("--revision", help="hub revision of --model")
-    serve.add_argument("--adapter", help="peft adapter folder served on top of the model")
-    serve.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    serve.add_argument("--dtype", help="auto (default), float16, bfloat16, float32")
-    serve.add_argument("--gpu-memory-gib", type=float, help="cap GPU memory, e.g. 24 (an RTX 4090)")
-    serve.add_argument("--max-context", type=int, help="context window in tokens (default 2048)")
-    serve.add_argument("--max-batch", type=int, help="most requests decoded together (default 32)")
-    serve.add_argument(
-        "--no-cuda-graphs",
-        dest="cuda_graphs",
-        action="store_false",
-        default=None,
-        help="decode eagerly instead of replaying CUDA graphs",
+    parser = Parser(prog="onegpu", description=__doc__.split("\n\n")[0])
+    jobs = parser.add_subparsers(dest="job", required=True, metavar="JOB")
+    for name, job in JOBS.items():
+        sub = jobs.add_parser(
+            name,
+            help=job.help,
+            description=job.settings.__doc__,
+            epilog=job.epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        add_settings_arguments(sub, job.settings)
+    config = jobs.add_parser(
+        "config",
+        help="print the settings a job would use (flags, then environment, then defaults) as JSON",
+        description="Print the effective settings of a job as JSON: the flags given, then the "
+        "ONEGPU_* environment variables, then the defaults.",
     )
-    serve.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        default=None,
-        help="run the model repository's own code (off by default; never needed for Qwen-14B here)",
-    )
-    serve.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
-    serve.set_defaults(func=_serve)
-
-    from onegpu.quantize.command import register as register_quantize
-    from onegpu.train.command import register as register_train
-
-    register_quantize(jobs)
-    register_train(jobs)
+    shown_jobs = config.add_subparsers(dest="config_job", required=True, metavar="JOB")
+    for name, job in JOBS.items():
+        add_settings_arguments(shown_jobs.add_parser(name, help=f"`onegpu {name}`"), job.settings)
     return parser
 
 
+# -- the error boundary -------------------------------------------------------------------------
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    prog = "onegpu"
+    debug = False
+    try:
+        args, unknown = build_parser().parse_known_args(argv)
+        name = args.config_job if args.job == "config" else args.job
+        prog = f"onegpu config {name}" if args.job == "config" else f"onegpu {name}"
+        if unknown:
+            raise UserError(f"unrecognized arguments: {' '.join(unknown)} (see {prog} --help)")
+        settings = settings_from_args(JOBS[name].settings, args)
+        if args.job == "config":
+            print(settings.model_dump_json(indent=2))
+            return 0
+        settings.configure_logging()
+        debug = settings.log_level == "DEBUG"
+        log.info("%s settings: %s", name, settings.model_dump_json())
+        JOBS[name].run(settings)
+    except UserError as exc:
+        return _fail(prog, exc, USER_ERROR, debug)
+    except KeyboardInterrupt as exc:
+        return _fail(prog, exc, INTERRUPTED, debug)
+    except Exception as exc:
+        return _fail(prog, exc, FAILURE, debug)
+    return 0
+
+
+def _fail(prog: str, exc: BaseException, status: int, debug: bool) -> int:
+    if debug:
+        log.error("traceback", exc_info=exc)
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if status == USER_ERROR:
+        line = f"{prog}: error: {text}"
+    elif status == INTERRUPTED:
+        line = f"{prog}: interrupted"
+    else:
+        hint = "" if debug else " (--log-level DEBUG shows the traceback)"
+        line = f"{prog}: failed: {type(exc).__name__}: {text}{hint}"
+    print(line, file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 from onegpu.cli import main
 from onegpu.engine.loading import EngineConfig, load_engine
 from onegpu.engine.types import GenerationRequest
-from onegpu.quantize.command import is_qwen_v1
+from onegpu.quantize.qwen_v1 import is_qwen_v1
 from tests.quantize.test_gptq import word_text
 from tests.quantize.test_qwen_v1 import TINY_V1, tiny_v1_state, write_v1_checkpoint
 

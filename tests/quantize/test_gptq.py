@@ -16,9 +16,9 @@ import torch
 from safetensors import safe_open
 from transformers import Qwen2Config
 
+from onegpu.provenance import RECORD_FILE
 from onegpu.quantize import gptq
 from onegpu.quantize.gptq import (
-    METADATA_FILE,
     PerplexityRegressionError,
     check_group_size,
     check_perplexity,
@@ -27,6 +27,7 @@ from onegpu.quantize.gptq import (
     relative_increase,
 )
 from onegpu.quantize.perplexity import Perplexity
+from onegpu.settings import QuantizeSettings
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 WORDS = (  # noqa: SIM905 (a list literal of 36 words would take 38 lines)
@@ -110,7 +111,7 @@ def test_check_group_size(config, group_size, ok):
 )
 def test_quantize_rejects_bad_settings_before_any_work(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        quantize("unused", tmp_path / "out", **kwargs)
+        quantize(QuantizeSettings(model="unused", output=tmp_path / "out", **kwargs))
     assert not (tmp_path / "out.partial").exists()
 
 
@@ -119,7 +120,7 @@ def test_quantize_refuses_to_overwrite(tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     with pytest.raises(FileExistsError, match="overwrite"):
-        quantize("unused", out)
+        quantize(QuantizeSettings(model="unused", output=out))
     assert (out / "keep.txt").read_text() == "precious"
 
 
@@ -189,7 +190,7 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
 TINY_SETTINGS = {
     "bits": 8,
     "group_size": 32,
-    "n_samples": 16,
+    "samples": 16,
     "seq_len": 128,
     "seed": 0,
     "device": "cpu",
@@ -203,12 +204,14 @@ def quantized(tiny_model, corpus, tmp_path_factory) -> Path:
     pytest.importorskip("gptqmodel", reason="needs the quantize extra (gptqmodel)")
     out = tmp_path_factory.mktemp("tiny-out") / "tiny-gptq"
     result = quantize(
-        tiny_model,
-        out,
-        calibration=corpus["calib"],
-        eval_data=corpus["eval"],
-        ppl_threshold=0.05,
-        **TINY_SETTINGS,
+        QuantizeSettings(
+            model=str(tiny_model),
+            output=out,
+            calibration=str(corpus["calib"]),
+            eval_data=str(corpus["eval"]),
+            ppl_threshold=0.05,
+            **TINY_SETTINGS,
+        )
     )
     assert result == out
     return out
@@ -247,7 +250,7 @@ def test_output_is_a_standard_gptq_checkpoint(quantized):
 
 
 def test_metadata_records_provenance_and_quality(quantized, tiny_model, corpus):
-    meta = json.loads((quantized / METADATA_FILE).read_text())
+    meta = json.loads((quantized / RECORD_FILE).read_text())
     assert meta["base_model"]["id"] == str(tiny_model)
     assert meta["base_model"]["architecture"] == "Qwen2ForCausalLM"
     assert meta["quantization"].items() >= {"bits": 8, "group_size": 32, "sym": True}.items()
@@ -312,16 +315,18 @@ def test_transformers_loads_and_generates(quantized, tiny_model):
 def test_threshold_turns_a_regression_into_a_typed_error(tiny_model, corpus, tmp_path):
     pytest.importorskip("gptqmodel", reason="needs the quantize extra (gptqmodel)")
     out = tmp_path / "strict"
-    settings = TINY_SETTINGS | {"n_samples": 4, "seq_len": 64}
+    settings = TINY_SETTINGS | {"samples": 4, "seq_len": 64}
     with pytest.raises(PerplexityRegressionError) as err:
         # any result "regresses" against a threshold of -50%
         quantize(
-            tiny_model,
-            out,
-            calibration=corpus["calib"],
-            eval_data=corpus["eval"],
-            ppl_threshold=-0.5,
-            **settings,
+            QuantizeSettings(
+                model=str(tiny_model),
+                output=out,
+                calibration=str(corpus["calib"]),
+                eval_data=str(corpus["eval"]),
+                ppl_threshold=-0.5,
+                **settings,
+            )
         )
     assert err.value.threshold == -0.5
     assert err.value.after > 0.5 * err.value.before
@@ -329,7 +334,7 @@ def test_threshold_turns_a_regression_into_a_typed_error(tiny_model, corpus, tmp
     assert not out.with_name("strict.partial").exists()
     rejected = out.with_name("strict.rejected")
     assert err.value.rejected == rejected
-    assert json.loads((rejected / METADATA_FILE).read_text())["perplexity"]["threshold"] == -0.5
+    assert json.loads((rejected / RECORD_FILE).read_text())["perplexity"]["threshold"] == -0.5
 
 
 def test_interrupt_removes_partial_output_and_says_what_to_do(
@@ -341,7 +346,15 @@ def test_interrupt_removes_partial_output_and_says_what_to_do(
     monkeypatch.setattr(gptq, "calibration_samples", interrupted)
     out = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
-        quantize(tiny_model, out, calibration=corpus["calib"], eval_data=None, device="cpu")
+        quantize(
+            QuantizeSettings(
+                model=str(tiny_model),
+                output=out,
+                calibration=str(corpus["calib"]),
+                eval_data=None,
+                device="cpu",
+            )
+        )
     assert not out.exists()
     assert not out.with_name("interrupted.partial").exists()
     assert "Rerun the same command" in caplog.text
@@ -369,22 +382,24 @@ def test_smollm2_8bit_keeps_wikitext_perplexity(smollm2, shared_dir, tmp_path):
     if not (valid.is_file() and test.is_file()):
         pytest.skip(f"WikiText-2 files not found under {wikitext} (set ONEGPU_SHARED_DIR)")
     out = quantize(
-        smollm2,
-        tmp_path / "smollm2-gptq8",
-        bits=8,
-        group_size=64,  # 576 hidden = 9 groups of 64 (128 does not divide it)
-        calibration=valid,
-        n_samples=16,
-        seq_len=256,
-        seed=0,
-        device="cpu",
-        eval_data=test,
-        eval_max_length=512,
-        eval_stride=512,
-        eval_max_tokens=8 * 512,
-        ppl_threshold=0.01,
+        QuantizeSettings(
+            model=str(smollm2),
+            output=tmp_path / "smollm2-gptq8",
+            bits=8,
+            group_size=64,  # 576 hidden = 9 groups of 64 (128 does not divide it)
+            calibration=str(valid),
+            samples=16,
+            seq_len=256,
+            seed=0,
+            device="cpu",
+            eval_data=str(test),
+            eval_max_length=512,
+            eval_stride=512,
+            eval_max_tokens=8 * 512,
+            ppl_threshold=0.01,
+        )
     )
-    ppl = json.loads((out / METADATA_FILE).read_text())["perplexity"]
+    ppl = json.loads((out / RECORD_FILE).read_text())["perplexity"]
     # the unquantized model's published figure on these tokens (offline-assets.md)
     assert ppl["before"]["ppl"] == pytest.approx(30.6, abs=0.1)
     assert abs(ppl["relative_increase"]) < 0.01

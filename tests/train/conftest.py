@@ -90,18 +90,20 @@ def tiny_gptq(tmp_path_factory, tiny_base) -> Path:
     """The tiny base quantized to 8-bit GPTQ by `onegpu quantize` (group size 32)."""
     pytest.importorskip("gptqmodel", reason="gptqmodel is not installed")
     from onegpu.quantize.gptq import quantize
+    from onegpu.settings import QuantizeSettings
 
     work = tmp_path_factory.mktemp("tiny-gptq")
     calibration = work / "calibration.txt"
     calibration.write_text(" ".join(json.dumps(row) for row in TOY * 40), encoding="utf-8")
-    return quantize(
-        tiny_base,
-        work / "gptq",
+    settings = QuantizeSettings(
+        model=str(tiny_base),
+        output=work / "gptq",
         bits=8,
         group_size=32,
-        calibration=calibration,
-        n_samples=8,
+        calibration=str(calibration),
+        samples=8,
         seq_len=64,
         eval_data=None,
         device="cpu",
     )
+    return quantize(settings)

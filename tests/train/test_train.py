@@ -7,9 +7,11 @@ import torch
 
 from onegpu.engine.loading import EngineConfig, load_engine
 from onegpu.engine.types import GenerationRequest
+from onegpu.provenance import RECORD_FILE
+from onegpu.settings import TrainSettings
 from onegpu.train import loop
 from onegpu.train import model as tm
-from onegpu.train.run import RECORD_FILE, train
+from onegpu.train.job import train
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +32,18 @@ FAST = {
 PROMPT = "Question: What is the capital of Zorbania?\nAnswer:"
 
 
+def run(model, data, output, **settings):
+    """One training run, as `onegpu train --model MODEL --data ... --output OUTPUT` makes it."""
+    return train(TrainSettings(model=str(model), data=data, output=output, **settings))
+
+
+def load_base(model, **settings):
+    """`tm.load_base` as `train` calls it: TrainSettings' defaults unless `settings` say."""
+    names = ("quantization", "device", "dtype", "attn_implementation", "gradient_checkpointing")
+    fields = TrainSettings.model_fields
+    return tm.load_base(model, **{name: fields[name].default for name in names} | settings)
+
+
 def record(path):
     return json.loads((path / RECORD_FILE).read_text())
 
@@ -44,7 +58,7 @@ def greedy(engine, prompt=PROMPT):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_base, toy_jsonl):
     out = tmp_path_factory.mktemp("adapter") / "adapter"
-    return train(
+    return run(
         tiny_base, [str(toy_jsonl)], out, max_steps=16, lora_dropout=0.0, packing=True, **FAST
     )
 
@@ -82,7 +96,7 @@ def test_the_saved_adapter_serves_and_changes_the_answers(tiny_base, trained):
 
 def test_held_out_eval_loss_is_measured_before_and_after(tmp_path, tiny_base, toy_jsonl):
     settings = FAST | {"eval_fraction": 0.34}
-    out = train(tiny_base, [str(toy_jsonl)], tmp_path / "a", max_steps=2, **settings)
+    out = run(tiny_base, [str(toy_jsonl)], tmp_path / "a", max_steps=2, **settings)
     rec = record(out)
     assert [row["step"] for row in rec["losses"]["eval"]] == [0, 2]
     assert rec["data"]["eval_examples"] == 2 and rec["data"]["train_examples"] == 4
@@ -91,7 +105,7 @@ def test_held_out_eval_loss_is_measured_before_and_after(tmp_path, tiny_base, to
 def test_an_interrupted_run_resumes_exactly(tmp_path, tiny_base, toy_jsonl, monkeypatch):
     # Dropout and NEFTune draw random numbers, so an exact match also checks the restored RNG.
     settings = FAST | {"lora_dropout": 0.1, "neftune_alpha": 5.0, "save_every": 2}
-    straight = train(tiny_base, [str(toy_jsonl)], tmp_path / "straight", max_steps=4, **settings)
+    straight = run(tiny_base, [str(toy_jsonl)], tmp_path / "straight", max_steps=4, **settings)
 
     real_save = loop._save_checkpoint
 
@@ -102,11 +116,11 @@ def test_an_interrupted_run_resumes_exactly(tmp_path, tiny_base, toy_jsonl, monk
     monkeypatch.setattr(loop, "_save_checkpoint", save_then_crash)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_base, [str(toy_jsonl)], out, max_steps=4, **settings)
+        run(tiny_base, [str(toy_jsonl)], out, max_steps=4, **settings)
     monkeypatch.setattr(loop, "_save_checkpoint", real_save)
     with pytest.raises(FileExistsError, match="resume"):
-        train(tiny_base, [str(toy_jsonl)], out, max_steps=4, **settings)
-    train(tiny_base, [str(toy_jsonl)], out, max_steps=4, resume=True, **settings)
+        run(tiny_base, [str(toy_jsonl)], out, max_steps=4, **settings)
+    run(tiny_base, [str(toy_jsonl)], out, max_steps=4, resume=True, **settings)
 
     a, b = record(straight), record(out)
     assert b["training"]["resumed_from_step"] == 2
@@ -123,7 +137,7 @@ def test_an_interrupted_run_resumes_exactly(tmp_path, tiny_base, toy_jsonl, monk
 
 def test_a_finished_adapter_is_not_overwritten_by_accident(trained, tiny_base, toy_jsonl):
     with pytest.raises(FileExistsError, match="overwrite"):
-        train(tiny_base, [str(toy_jsonl)], trained, max_steps=1, **FAST)
+        run(tiny_base, [str(toy_jsonl)], trained, max_steps=1, **FAST)
 
 
 def test_merged_model_matches_base_plus_adapter(tmp_path, tiny_base, trained):
@@ -142,7 +156,7 @@ def test_merged_model_matches_base_plus_adapter(tmp_path, tiny_base, trained):
 
 def test_nf4_needs_cuda(tiny_base):
     with pytest.raises(tm.TrainModelError, match="CUDA"):
-        tm.load_base(tiny_base, quantization="nf4", device="cpu")
+        load_base(tiny_base, quantization="nf4", device="cpu")
 
 
 def test_merging_into_a_quantized_model_is_refused(tmp_path, tiny_gptq, trained):
@@ -154,7 +168,7 @@ def test_merging_into_a_quantized_model_is_refused(tmp_path, tiny_gptq, trained)
 
 
 def test_gptq_training_kernel_passes_input_gradients(tiny_gptq):
-    base = tm.load_base(tiny_gptq, device="cpu")
+    base = load_base(tiny_gptq, device="cpu")
     assert base.kind == "gptq"
     layer = base.model.model.layers[0].mlp.down_proj  # a GPTQModel quantized linear
     assert not isinstance(layer, torch.nn.Linear)
@@ -170,7 +184,7 @@ def test_gptq_training_kernel_passes_input_gradients(tiny_gptq):
 
 
 def test_gptq_base_trains_and_serves_its_adapter(tmp_path, tiny_gptq, toy_jsonl):
-    out = train(tiny_gptq, [str(toy_jsonl)], tmp_path / "a", max_steps=16, lora_dropout=0.0, **FAST)
+    out = run(tiny_gptq, [str(toy_jsonl)], tmp_path / "a", max_steps=16, lora_dropout=0.0, **FAST)
     rec = record(out)
     losses = [row["loss"] for row in rec["losses"]["train"]]
     assert losses[-1] < 0.1 * losses[0]

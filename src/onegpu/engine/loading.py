@@ -8,15 +8,17 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from onegpu.device import cap_gpu_memory, resolve_device, resolve_dtype
+from onegpu.engine.config import EngineConfig
 from onegpu.engine.embedded import EMBEDDED_NAME, embedded_model_dir
 from onegpu.engine.generate import Engine
 from onegpu.engine.kvcache import bytes_per_token
 from onegpu.engine.types import ModelInfo
+from onegpu.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -27,61 +29,9 @@ ACTIVATION_RESERVE_GIB = 1.5
 # On the CPU, memory is not the limit: the pool holds this many full contexts.
 CPU_CONTEXTS = 4
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
-
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError):
     """The model, its quantization or its adapter cannot be loaded as configured."""
-
-
-@dataclass(frozen=True, slots=True)
-class EngineConfig:
-    """What to load and where. `model=None` means the embedded default (SmolLM2-135M)."""
-
-    model: str | None = None
-    revision: str | None = None
-    adapter: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    gpu_memory_gib: float | None = None
-    max_context: int = 2048
-    default_stop: tuple[str, ...] = ("\n\n",)
-    trust_remote_code: bool = False
-    max_batch: int = 32
-    cuda_graphs: bool = True
-    kv_cache_dtype: str = "auto"
-    block_size: int = 16
-    prefill_chunk: int = 512
-    prefix_cache: bool = True
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r} was asked for but CUDA is not available")
-    return resolved
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        # fp16 is what the 8-bit GPTQ kernels are fastest with; the CPU computes in fp32.
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise ModelLoadError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
-    return _DTYPES[dtype]
-
-
-def cap_gpu_memory(device: torch.device, gib: float | None) -> None:
-    """Limit this process to `gib` of the GPU's memory (emulates a smaller card, e.g. 24 GB)."""
-    if gib is None or device.type != "cuda":
-        return
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    total = torch.cuda.get_device_properties(index).total_memory / 2**30
-    fraction = min(1.0, gib / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, index)
-    log.info("GPU memory capped at %.1f GiB of %.1f GiB (fraction %.3f)", gib, total, fraction)
 
 
 def read_quantization(model_dir: Path) -> dict | None:
@@ -126,7 +76,8 @@ def load_engine(config: EngineConfig) -> Engine:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
+    # fp16 is what the 8-bit GPTQ kernels are fastest with.
+    dtype = resolve_dtype(config.dtype, device, cuda_default=torch.float16)
     cap_gpu_memory(device, config.gpu_memory_gib)
 
     if config.model is None:
@@ -271,3 +222,19 @@ def _load_adapter(model, adapter: str):
         return PeftModel.from_pretrained(model, adapter)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load adapter {adapter!r}: {exc}") from exc
+    except RuntimeError as exc:
+        if "size mismatch" not in str(exc):
+            raise
+        raise ModelLoadError(
+            f"cannot load adapter {adapter!r}: its weights do not fit this model; it was trained "
+            f"on {adapter_base(adapter)!r}: serve it on that base, or train one for this model"
+        ) from exc
+
+
+def adapter_base(adapter: str | Path) -> str | None:
+    """The base model a peft adapter names in its adapter_config.json (None when unreadable)."""
+    try:
+        config = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return config.get("base_model_name_or_path")

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from onegpu.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 WIKITEXT2 = "wikitext2"
@@ -30,7 +32,7 @@ WIKITEXT2 = "wikitext2"
 ROW_SEPARATOR = "\n\n"
 
 
-class CalibrationError(ValueError):
+class CalibrationError(UserError, ValueError):
     """The calibration source is missing, malformed or too short for the requested samples."""
 
 

@@ -17,22 +17,21 @@ on the GPU at a time; the full model stays in host memory.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from onegpu.provenance import library_versions, peak_rss_bytes
+from onegpu.device import resolve_device, resolve_dtype
+from onegpu.errors import OutputExistsError, UserError
+from onegpu.provenance import Phases, new_record, write_record
 from onegpu.quantize.calibration import (
     WIKITEXT2,
     CalibrationSource,
@@ -40,15 +39,13 @@ from onegpu.quantize.calibration import (
     load_text,
 )
 from onegpu.quantize.perplexity import Perplexity, perplexity
+from onegpu.settings import GPTQ_GROUP_SIZES, QuantizeSettings
 
 logger = logging.getLogger(__name__)
 
-METADATA_FILE = "onegpu.json"
 # Kernel used while quantizing. GPTQModel's automatic choice tries Machete on Hopper, whose JIT
 # build downloads CUTLASS and fails offline; the torch kernel runs everywhere.
 QUANTIZE_BACKEND = "torch"
-SUPPORTED_BITS = (4, 8)
-SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128, 256, 512, 1024)
 LIBRARIES = (
     "torch",
     "transformers",
@@ -66,6 +63,10 @@ class QuantizeError(RuntimeError):
     """Quantization could not produce an acceptable checkpoint."""
 
 
+class GroupSizeError(UserError, ValueError):
+    """The group size does not divide the model's layer widths."""
+
+
 class PerplexityRegressionError(QuantizeError):
     """The quantized model's perplexity rose more than the allowed threshold."""
 
@@ -76,32 +77,6 @@ class PerplexityRegressionError(QuantizeError):
             f"({relative_increase(before, after):+.2%}), more than the allowed "
             f"{threshold:+.2%}; the checkpoint was kept for inspection in {rejected}"
         )
-
-
-@dataclass
-class _Phase:
-    seconds: float = 0.0
-    peak_gpu_bytes: int | None = None  # torch.cuda.max_memory_allocated during the phase
-
-
-@dataclass
-class _Report:
-    phases: dict[str, _Phase] = field(default_factory=dict)
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        """Time a phase and record its peak GPU memory (CUDA only)."""
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            p = self.phases.setdefault(name, _Phase())
-            p.seconds = round(time.perf_counter() - start, 3)
-            if cuda:
-                p.peak_gpu_bytes = torch.cuda.max_memory_allocated()
 
 
 def relative_increase(before: float, after: float) -> float:
@@ -162,32 +137,13 @@ def check_group_size(config: Any, group_size: int) -> None:
     }
     bad = {k: v for k, v in widths.items() if v is not None and v % group_size}
     if bad:
-        raise ValueError(
-            f"group_size={group_size} does not divide the layer input widths {bad}; "
-            "vLLM and Marlin need whole groups: pick a group size that divides them"
+        fits = [
+            g for g in GPTQ_GROUP_SIZES if g > 0 and not any(v % g for v in widths.values() if v)
+        ]
+        raise GroupSizeError(
+            f"group_size={group_size} does not divide the layer input widths {bad}; vLLM and "
+            f"Marlin need whole groups: pass --group-size {max(fits, default=-1)}"
         )
-
-
-def _resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
-
-
-def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    # bf16 is Qwen's native dtype on GPU; on CPU float32 keeps the before/after comparison
-    # free of bf16 rounding noise.
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, dtype, None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}")
-    return resolved
 
 
 def _placement(device: torch.device, gpu_memory_gib: float | None) -> dict[str, Any]:
@@ -205,12 +161,6 @@ def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _eval_ids(tokenizer: Any, source: str | Path) -> tuple[torch.Tensor, CalibrationSource]:
-    text, src = load_text(source, split="test")
-    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]  # [N]
-    return ids, src
 
 
 @contextmanager
@@ -244,63 +194,36 @@ def _staged_output(output: Path) -> Iterator[Path]:
     partial.rename(output)
 
 
-def _evaluate(
-    path: str | Path,
-    ids: torch.Tensor,
-    *,
-    desc: str,
-    load_kwargs: dict[str, Any],
-    ppl_kwargs: dict[str, Any],
-) -> Perplexity:
-    from transformers import AutoModelForCausalLM
+@dataclass
+class _Prepared:
+    """What the phases share, read once: the model, its tokenizer, the data, where it runs."""
 
-    model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs).eval()
-    try:
-        # GPTQModel's torch kernel wraps its dequantization in torch.compile, which recompiles
-        # per layer (minutes, until dynamo's recompile limit stops it); a one-off measurement
-        # is faster eager, with the same numbers.
-        with torch.compiler.set_stance("force_eager"):
-            return perplexity(model, ids, desc=desc, **ppl_kwargs)
-    finally:
-        del model
-        _free_memory()
+    model_id: str
+    revision: str | None
+    config: Any  # the transformers config
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    samples: list[dict[str, torch.Tensor]] | None = None  # calibration windows
+    calibration: CalibrationSource | None = None
+    eval_ids: torch.Tensor | None = None  # [N] token ids perplexity is measured on
+    eval_source: CalibrationSource | None = None
+
+    @property
+    def hub(self) -> dict[str, Any]:
+        return {} if self.revision is None else {"revision": self.revision}
 
 
-def quantize(
-    model: str | Path,
-    output: Path,
-    *,
-    revision: str | None = None,
-    bits: int = 8,
-    group_size: int = 128,
-    sym: bool = True,
-    desc_act: bool = False,
-    damp_percent: float = 0.01,
-    calibration: str | Path = WIKITEXT2,
-    calibration_split: str = "train",
-    n_samples: int = 120,
-    seq_len: int = 2048,
-    seed: int = 0,
-    device: str | None = None,
-    dtype: str | torch.dtype | None = None,
-    gpu_memory_gib: float | None = None,
-    eval_data: str | Path | None = WIKITEXT2,
-    eval_max_length: int = 2048,
-    eval_stride: int = 2048,
-    eval_max_tokens: int | None = None,
-    eval_backend: str = "torch",
-    ppl_threshold: float | None = None,
-    overwrite: bool = False,
-) -> Path:
+def quantize(settings: QuantizeSettings) -> Path:
     """Quantize a causal LM with GPTQ and write a transformers/vLLM-loadable checkpoint.
 
-    ``model`` is a Hub id or a local folder in a native transformers layout. Calibration is
-    ``n_samples`` random windows of ``seq_len`` tokens from ``calibration`` ("wikitext2": the
-    ``calibration_split`` of WikiText-2 raw through ``datasets``; or a local .txt/.jsonl file),
-    drawn with ``seed``. Quantization is per group of ``group_size`` input channels, symmetric by
-    default, without act-order, with Hessian damping ``damp_percent`` (GPTQ's 0.01, as the
-    2023 entry used). ``device`` defaults to CUDA when present; ``dtype`` to bfloat16 on GPU and
-    float32 on CPU.
+    ``settings.model`` is a Hub id or a local folder; a Qwen v1 checkpoint is first converted to
+    the native Qwen2 layout in ``settings.converted`` (default ``<output>.qwen2``, kept and
+    reused). Calibration is ``samples`` random windows of ``seq_len`` tokens from
+    ``calibration`` ("wikitext2": the ``calibration_split`` of WikiText-2 raw through
+    ``datasets``; or a local .txt/.jsonl file), drawn with ``seed``. Quantization is per group of
+    ``group_size`` input channels, symmetric by default, without act-order, with Hessian damping
+    ``damp_percent`` (GPTQ's 0.01, as the 2023 entry used).
 
     Perplexity on ``eval_data`` (WikiText-2 test by default, or a local file; None skips it) is
     measured before and after, over windows of ``eval_max_length`` tokens every ``eval_stride``
@@ -310,158 +233,203 @@ def quantize(
     (0.01 = 1%), the checkpoint is moved to ``<output>.rejected`` and
     :class:`PerplexityRegressionError` is raised.
 
+    Phases: prepare (model config, tokenizer, calibration and evaluation data) -> evaluate the
+    base -> quantize and save -> evaluate the quantized model -> record (``onegpu.json``).
+
     Returns ``output``. Nothing appears at ``output`` until the run succeeds: work happens in
     ``<output>.partial``, which is removed if the run fails or is interrupted.
     """
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
-    if group_size not in SUPPORTED_GROUP_SIZES:
-        raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
-    if not 0 < damp_percent < 1:
-        raise ValueError(f"damp_percent must be in (0, 1), got {damp_percent}")
-    if ppl_threshold is not None and eval_data is None:
-        raise ValueError("ppl_threshold needs eval_data to measure perplexity on")
-    output = Path(output)
-    if output.exists() and not overwrite and any(output.iterdir()):
-        raise FileExistsError(f"{output} exists and is not empty (pass overwrite=True to replace)")
+    output = Path(settings.output)
+    if output.exists() and not settings.overwrite and (output.is_file() or any(output.iterdir())):
+        raise OutputExistsError(f"{output} exists and is not empty: pass --overwrite to replace it")
+    from onegpu.quantize.qwen_v1 import native_checkpoint
 
-    from transformers import AutoConfig, AutoTokenizer, GPTQConfig
-
-    report = _Report()
-    started = time.perf_counter()
-    dev = _resolve_device(device)
-    torch_dtype = _resolve_dtype(dtype, dev)
-    model_id = str(model)
-    hub_kwargs: dict[str, Any] = {} if revision is None else {"revision": revision}
-    config = AutoConfig.from_pretrained(model_id, **hub_kwargs)
-    check_group_size(config, group_size)
-    tokenizer = AutoTokenizer.from_pretrained(model_id, **hub_kwargs)
-    load_kwargs = {"dtype": torch_dtype, **_placement(dev, gpu_memory_gib)}
-    ppl_kwargs = {
-        "max_length": eval_max_length,
-        "stride": eval_stride,
-        "max_tokens": eval_max_tokens,
-    }
+    converted = settings.converted or output.with_name(output.name + ".qwen2")
+    model, revision = native_checkpoint(settings.model, settings.revision, converted)
+    device = resolve_device(settings.device)
+    if device.type == "cuda" and device.index is None:
+        # accelerate's max_memory names GPUs by index.
+        device = torch.device("cuda", torch.cuda.current_device())
+    phases = Phases(device)
+    # bf16 is Qwen's native dtype on GPU; on CPU float32 keeps the before/after comparison free
+    # of bf16 rounding noise.
+    dtype = resolve_dtype(settings.dtype, device, cuda_default=torch.bfloat16)
+    prep = _prepare_model(str(model), revision, device, dtype, settings)
 
     with _staged_output(output) as out:
-        # Data first, so a bad path fails before any model is loaded.
-        with report.phase("calibration"):
-            calib_text, calib_source = load_text(calibration, split=calibration_split)
-            samples = calibration_samples(
-                tokenizer, calib_text, n_samples=n_samples, seq_len=seq_len, seed=seed
-            )
-            del calib_text
-        eval_ids = eval_source = before = after = None
-        if eval_data is not None:
-            eval_ids, eval_source = _eval_ids(tokenizer, eval_data)
-            with report.phase("perplexity_before"):
-                before = _evaluate(
-                    model_id,
-                    eval_ids,
-                    desc="perplexity (base)",
-                    load_kwargs=load_kwargs | hub_kwargs,
-                    ppl_kwargs=ppl_kwargs,
-                )
+        _prepare_data(prep, settings, phases)
+        before = after = None
+        if prep.eval_ids is not None:
+            with phases("perplexity_before"):
+                before = _perplexity(prep, prep.model_id, settings, quantized=False)
             logger.info("perplexity before: %.4f", before.ppl)
-
-        gptqmodel = _import_gptqmodel()
-        backend = gptqmodel.BACKEND(QUANTIZE_BACKEND)
-        with tempfile.TemporaryDirectory(prefix="onegpu-gptq-offload-") as offload:
-            quant_config = gptqmodel.QuantizeConfig(
-                bits=bits,
-                group_size=group_size,
-                sym=sym,
-                desc_act=desc_act,
-                damp_percent=damp_percent,
-                # Finished layers go to disk, so host RAM holds one copy of the model at most.
-                offload_to_disk=True,
-                offload_to_disk_path=offload,
-            )
-            with report.phase("quantize"):
-                qmodel = gptqmodel.GPTQModel.load(
-                    model_id,
-                    quant_config,
-                    device=str(dev),
-                    backend=backend,
-                    dtype=torch_dtype,
-                    **hub_kwargs,
-                )
-                qmodel.quantize(samples, batch_size=1, backend=backend)
-            with report.phase("save"):
-                qmodel.save(str(out))
-                del qmodel
-                _free_memory()
-        # GPTQModel saves a tokenizer it may have adjusted (pad token); keep the base one as is.
-        tokenizer.save_pretrained(out)
-
-        if eval_ids is not None:
-            with report.phase("perplexity_after"):
-                after = _evaluate(
-                    out,
-                    eval_ids,
-                    desc="perplexity (gptq)",
-                    load_kwargs=load_kwargs
-                    | {"quantization_config": GPTQConfig(bits=bits, backend=eval_backend)},
-                    ppl_kwargs=ppl_kwargs,
-                )
+        _quantize(prep, settings, out, phases)
+        if prep.eval_ids is not None:
+            with phases("perplexity_after"):
+                after = _perplexity(prep, out, settings, quantized=True)
             logger.info("perplexity after: %.4f", after.ppl)
-
-        meta = {
-            "format": "gptq",
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "base_model": {
-                "id": model_id,
-                "revision": revision,
-                # The resolved Hub commit, so a later run can fetch exactly these weights.
-                "commit": getattr(config, "_commit_hash", None),
-                "architecture": (config.architectures or [None])[0],
-            },
-            "quantization": {
-                "method": "gptq",
-                "bits": bits,
-                "group_size": group_size,
-                "sym": sym,
-                "desc_act": desc_act,
-                "damp_percent": damp_percent,
-                "backend": QUANTIZE_BACKEND,
-                "dtype": str(torch_dtype).removeprefix("torch."),
-                "device": str(dev),
-            },
-            "calibration": {
-                **calib_source.describe(),
-                "n_samples": n_samples,
-                "seq_len": seq_len,
-                "seed": seed,
-            },
-            "libraries": library_versions(LIBRARIES),
-            "timings_s": {name: p.seconds for name, p in report.phases.items()}
-            | {"total": round(time.perf_counter() - started, 3)},
-            "memory": {
-                "peak_gpu_bytes": {
-                    name: p.peak_gpu_bytes
-                    for name, p in report.phases.items()
-                    if p.peak_gpu_bytes is not None
-                }
-                or None,
-                "peak_host_rss_bytes": peak_rss_bytes(),
-            },
-            "perplexity": None
-            if after is None
-            else {
-                **eval_source.describe(),
-                "backend": eval_backend,
-                "before": asdict(before),
-                "after": asdict(after),
-                "relative_increase": relative_increase(before.ppl, after.ppl),
-                "threshold": ppl_threshold,
-            },
-        }
-        (out / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-
-        if after is not None:
-            label = "WikiText-2 test" if eval_source.name == WIKITEXT2 else eval_source.name
-            print(format_perplexity_table(before, after, label=label, bits=bits), flush=True)
-            if not check_perplexity(before.ppl, after.ppl, ppl_threshold):
-                raise PerplexityRegressionError(before.ppl, after.ppl, ppl_threshold, out)
+        _record(out, prep, settings, phases, before, after)
+        if before is not None and after is not None:
+            _judge(before, after, prep, settings, out)
     logger.info("wrote %s", output)
     return output
+
+
+def _prepare_model(
+    model_id: str,
+    revision: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    settings: QuantizeSettings,
+) -> _Prepared:
+    """The model's config (its widths checked against the group size) and tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    prep = _Prepared(model_id, revision, None, None, device, dtype)
+    prep.config = AutoConfig.from_pretrained(model_id, **prep.hub)
+    check_group_size(prep.config, settings.group_size)
+    prep.tokenizer = AutoTokenizer.from_pretrained(model_id, **prep.hub)
+    return prep
+
+
+def _prepare_data(prep: _Prepared, settings: QuantizeSettings, phases: Phases) -> None:
+    """Calibration windows and evaluation tokens, before any model loads (a bad path fails fast)."""
+    with phases("calibration"):
+        text, prep.calibration = load_text(settings.calibration, split=settings.calibration_split)
+        prep.samples = calibration_samples(
+            prep.tokenizer,
+            text,
+            n_samples=settings.samples,
+            seq_len=settings.seq_len,
+            seed=settings.seed,
+        )
+        del text
+    if settings.eval_data is not None:
+        text, prep.eval_source = load_text(settings.eval_data, split="test")
+        prep.eval_ids = prep.tokenizer(text, return_tensors="pt")["input_ids"][0]  # [N]
+
+
+def _perplexity(
+    prep: _Prepared, path: str | Path, settings: QuantizeSettings, *, quantized: bool
+) -> Perplexity:
+    """Load the base (or the quantized checkpoint at `path`) and measure its perplexity."""
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    kwargs: dict[str, Any] = {
+        "dtype": prep.dtype,
+        **_placement(prep.device, settings.gpu_memory_gib),
+    }
+    if quantized:
+        kwargs["quantization_config"] = GPTQConfig(
+            bits=settings.bits, backend=settings.eval_backend
+        )
+    else:
+        kwargs.update(prep.hub)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    try:
+        # GPTQModel's torch kernel wraps its dequantization in torch.compile, which recompiles
+        # per layer (minutes, until dynamo's recompile limit stops it); a one-off measurement
+        # is faster eager, with the same numbers.
+        with torch.compiler.set_stance("force_eager"):
+            return perplexity(
+                model,
+                prep.eval_ids,
+                desc="perplexity (gptq)" if quantized else "perplexity (base)",
+                max_length=settings.eval_max_length,
+                stride=settings.eval_stride,
+                max_tokens=settings.eval_max_tokens,
+            )
+    finally:
+        del model
+        _free_memory()
+
+
+def _quantize(prep: _Prepared, settings: QuantizeSettings, out: Path, phases: Phases) -> None:
+    """GPTQ layer by layer through GPTQModel, then the checkpoint and the base's tokenizer."""
+    gptqmodel = _import_gptqmodel()
+    backend = gptqmodel.BACKEND(QUANTIZE_BACKEND)
+    with tempfile.TemporaryDirectory(prefix="onegpu-gptq-offload-") as offload:
+        quant_config = gptqmodel.QuantizeConfig(
+            bits=settings.bits,
+            group_size=settings.group_size,
+            sym=settings.sym,
+            desc_act=settings.desc_act,
+            damp_percent=settings.damp_percent,
+            # Finished layers go to disk, so host RAM holds one copy of the model at most.
+            offload_to_disk=True,
+            offload_to_disk_path=offload,
+        )
+        with phases("quantize"):
+            qmodel = gptqmodel.GPTQModel.load(
+                prep.model_id,
+                quant_config,
+                device=str(prep.device),
+                backend=backend,
+                dtype=prep.dtype,
+                **prep.hub,
+            )
+            qmodel.quantize(prep.samples, batch_size=1, backend=backend)
+        with phases("save"):
+            qmodel.save(str(out))
+            del qmodel
+            _free_memory()
+    # GPTQModel saves a tokenizer it may have adjusted (pad token); keep the base one as is.
+    prep.tokenizer.save_pretrained(out)
+
+
+def _record(
+    out: Path,
+    prep: _Prepared,
+    settings: QuantizeSettings,
+    phases: Phases,
+    before: Perplexity | None,
+    after: Perplexity | None,
+) -> None:
+    record = new_record(
+        "gptq",
+        base_model={
+            "id": prep.model_id,
+            "revision": prep.revision,
+            # The resolved Hub commit, so a later run can fetch exactly these weights.
+            "commit": getattr(prep.config, "_commit_hash", None),
+            "architecture": (prep.config.architectures or [None])[0],
+        },
+        quantization={
+            "method": "gptq",
+            "bits": settings.bits,
+            "group_size": settings.group_size,
+            "sym": settings.sym,
+            "desc_act": settings.desc_act,
+            "damp_percent": settings.damp_percent,
+            "backend": QUANTIZE_BACKEND,
+            "dtype": str(prep.dtype).removeprefix("torch."),
+            "device": str(prep.device),
+        },
+        calibration={
+            **prep.calibration.describe(),
+            "n_samples": settings.samples,
+            "seq_len": settings.seq_len,
+            "seed": settings.seed,
+        },
+        perplexity=None
+        if before is None or after is None
+        else {
+            **prep.eval_source.describe(),
+            "backend": settings.eval_backend,
+            "before": asdict(before),
+            "after": asdict(after),
+            "relative_increase": relative_increase(before.ppl, after.ppl),
+            "threshold": settings.ppl_threshold,
+        },
+    )
+    write_record(out, record, phases, LIBRARIES)
+
+
+def _judge(
+    before: Perplexity, after: Perplexity, prep: _Prepared, settings: QuantizeSettings, out: Path
+) -> None:
+    """Print the perplexity table; refuse the checkpoint when the rise passes the threshold."""
+    label = "WikiText-2 test" if prep.eval_source.name == WIKITEXT2 else prep.eval_source.name
+    print(format_perplexity_table(before, after, label=label, bits=settings.bits), flush=True)
+    if not check_perplexity(before.ppl, after.ppl, settings.ppl_threshold):
+        raise PerplexityRegressionError(before.ppl, after.ppl, settings.ppl_threshold, out)

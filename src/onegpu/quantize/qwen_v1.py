@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, Qwen2Config
 
 import onegpu
+from onegpu.errors import ModelNotFoundError, UserError
 from onegpu.quantize.qwen_tokenizer import (
     ENDOFTEXT,
     IMEND,
@@ -80,7 +81,7 @@ _PER_LAYER = {
 }
 
 
-class QwenV1ConversionError(ValueError):
+class QwenV1ConversionError(UserError, ValueError):
     """The source is not a Qwen v1 checkpoint this converter can translate exactly."""
 
 
@@ -420,3 +421,44 @@ def convert_qwen_v1(
     partial.rename(dst)
     logger.info("converted %s to %s in %.0f s", src, dst, metadata["seconds"])
     return dst
+
+
+def read_config(model: str, revision: str | None) -> dict:
+    """The model's config.json, from a local folder or the hub (only that file is downloaded)."""
+    local = Path(model)
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelNotFoundError(f"{model} has no config.json: pass a model folder")
+        return json.loads((local / "config.json").read_text())
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(
+            Path(hf_hub_download(model, "config.json", revision=revision)).read_text()
+        )
+    except (OSError, ValueError) as exc:  # not a repository id, not on the hub, offline
+        raise ModelNotFoundError(
+            f"cannot find model {model!r}: it is not a local folder, and the Hugging Face Hub "
+            f"gives no config.json for it ({type(exc).__name__}); pass a model folder or a hub id"
+        ) from exc
+
+
+def is_qwen_v1(config: dict) -> bool:
+    return config.get("model_type") == "qwen" or V1_ARCHITECTURE in (
+        config.get("architectures") or []
+    )
+
+
+def native_checkpoint(
+    model: str, revision: str | None, converted: Path
+) -> tuple[str | Path, str | None]:
+    """`model` and `revision` when the model has a native transformers layout; for Qwen v1, its
+    Qwen2 conversion in `converted` (made once, then reused) and no revision."""
+    if not is_qwen_v1(read_config(model, revision)):
+        return model, revision
+    if (converted / "config.json").is_file():
+        logger.warning("reusing the converted Qwen2 copy in %s", converted)
+    else:
+        logger.warning("Qwen v1 checkpoint: converting to the native Qwen2 layout in %s", converted)
+        convert_qwen_v1(model, converted, revision=revision)
+    return converted, None

@@ -46,23 +46,9 @@ _POLL_SECONDS = 0.25
 
 def _default_factory(settings: ServeSettings) -> Callable[[], object]:
     def build():
-        from onegpu.engine.loading import EngineConfig, load_engine
+        from onegpu.engine.loading import load_engine
 
-        return load_engine(
-            EngineConfig(
-                model=settings.model or None,
-                revision=settings.revision,
-                adapter=settings.adapter,
-                device=settings.device,
-                dtype=settings.dtype,
-                gpu_memory_gib=settings.gpu_memory_gib,
-                max_context=settings.max_context,
-                default_stop=tuple(settings.default_stop),
-                trust_remote_code=settings.trust_remote_code,
-                max_batch=settings.max_batch,
-                cuda_graphs=settings.cuda_graphs,
-            )
-        )
+        return load_engine(settings.engine_config())
 
     return build
 

@@ -35,21 +35,22 @@ OPTIMIZERS = ("auto", "adamw", "paged_adamw_8bit")
 
 @dataclass(frozen=True)
 class LoopConfig:
-    """Optimization settings; `steps` counts optimizer steps."""
+    """Optimization settings (from `TrainSettings`, which holds their defaults); `steps` counts
+    optimizer steps."""
 
     steps: int
-    grad_accum: int = 1
-    lr: float = 2e-4
-    min_lr_ratio: float = 0.0
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    optimizer: str = "auto"
-    neftune_alpha: float | None = None
-    eval_every: int | None = None
-    save_every: int | None = None
-    keep_checkpoints: int = 2
-    seed: int = 0
+    grad_accum: int
+    lr: float
+    min_lr_ratio: float
+    warmup_steps: int
+    weight_decay: float
+    max_grad_norm: float | None
+    optimizer: str
+    neftune_alpha: float | None
+    eval_every: int | None
+    save_every: int | None
+    keep_checkpoints: int
+    seed: int
     loss_chunk: int = 1024  # reply tokens per slice of the output head
 
 
@@ -61,7 +62,6 @@ class History:
     eval: list[dict[str, float]] = field(default_factory=list)  # step, loss, tokens
     optimizer: str = ""
     resumed_from: int | None = None
-    peak_gpu_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -230,7 +230,7 @@ def micro_batches(epoch_batches: Callable[[int], list[Batch]], start: int) -> It
         epoch += 1
 
 
-def run(
+def fit(
     model,
     epoch_batches: Callable[[int], list[Batch]],
     eval_batches: Sequence[Batch],
@@ -280,8 +280,6 @@ def run(
             log.info("eval loss at step %d: %.4f", step, loss)
 
     hook = add_neftune(model, cfg.neftune_alpha) if cfg.neftune_alpha else None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     model.train()
     if start == 0:
         run_eval(0)
@@ -329,7 +327,5 @@ def run(
         bar.close()
         if hook is not None:
             hook.remove()
-    if device.type == "cuda":
-        history.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
     model.eval()
     return history

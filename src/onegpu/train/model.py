@@ -20,22 +20,24 @@ fp32.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from onegpu.device import cap_gpu_memory, resolve_device, resolve_dtype
+from onegpu.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # GPTQModel's kernel with a backward pass on every device (see the module docstring).
 TRAIN_BACKEND = "torch"
-# All attention and MLP projections of the Qwen2 / Llama / Mistral layouts.
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QUANTIZATIONS = ("auto", "gptq", "nf4", "none")
 
 
-class TrainModelError(RuntimeError):
+class TrainModelError(UserError):
     """The base model or its adapter cannot be set up for training as configured."""
 
 
@@ -82,44 +84,24 @@ def resolve_kind(quantization: str, checkpoint_quantization: dict[str, Any] | No
     return quantization
 
 
-def resolve_device(device: str) -> torch.device:
-    resolved = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    )
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise TrainModelError(f"device {device!r} was asked for but CUDA is not available")
-    return resolved
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    # bf16 on GPUs: fp16 activations overflow in long training runs and would need loss scaling.
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    resolved = getattr(torch, dtype, None)
-    if resolved not in (torch.bfloat16, torch.float16, torch.float32):
-        raise TrainModelError(f"dtype must be auto, bfloat16, float16 or float32; got {dtype!r}")
-    return resolved
-
-
 def load_base(
     model: str | Path,
     *,
-    quantization: str = "auto",
-    device: str = "auto",
-    dtype: str = "auto",
+    quantization: str,
+    device: str,
+    dtype: str,
+    attn_implementation: str,
+    gradient_checkpointing: bool,
     revision: str | None = None,
-    attn_implementation: str = "sdpa",
-    gradient_checkpointing: bool = True,
     gpu_memory_gib: float | None = None,
     trust_remote_code: bool = False,
 ) -> TrainBase:
     """Load the base model (GPTQ, NF4 or as is) frozen, with gradient checkpointing on."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from onegpu.engine.loading import cap_gpu_memory
-
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
+    # bf16 on GPUs: fp16 activations overflow in long training runs and would need loss scaling.
+    torch_dtype = resolve_dtype(dtype, dev, cuda_default=torch.bfloat16)
     hub = {"revision": revision, "trust_remote_code": trust_remote_code}
     try:
         config = AutoConfig.from_pretrained(str(model), **hub)
@@ -195,10 +177,10 @@ def _nf4_config(device: torch.device, compute_dtype: torch.dtype):
 def add_lora(
     model,
     *,
-    r: int = 16,
-    alpha: float = 32,
-    dropout: float = 0.05,
-    target_modules: tuple[str, ...] | list[str] = DEFAULT_TARGETS,
+    r: int,
+    alpha: float,
+    dropout: float,
+    target_modules: Sequence[str],
 ):
     """Wrap `model` in a peft LoRA model; only the LoRA weights (fp32) are trainable."""
     from peft import LoraConfig, get_peft_model
@@ -264,7 +246,7 @@ def merge_adapter(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
+    torch_dtype = resolve_dtype(dtype, dev, cuda_default=torch.bfloat16)
     config = _read_config(base, revision)
     if config.get("quantization_config"):
         raise TrainModelError(
@@ -274,7 +256,17 @@ def merge_adapter(
     model = AutoModelForCausalLM.from_pretrained(
         str(base), dtype=torch_dtype, device_map={"": str(dev)}, revision=revision
     )
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    try:
+        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    except RuntimeError as exc:
+        if "size mismatch" not in str(exc):
+            raise
+        from onegpu.engine.loading import adapter_base
+
+        raise TrainModelError(
+            f"the adapter {adapter} does not fit {base}: it was trained on "
+            f"{adapter_base(adapter)!r}; merge it into the 16-bit model that base was made from"
+        ) from exc
     output = Path(output)
     merged.save_pretrained(output)
     AutoTokenizer.from_pretrained(str(base), revision=revision).save_pretrained(output)

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from onegpu.errors import UserError
+
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
@@ -36,7 +38,7 @@ ROLES = ("system", "user", "assistant")
 LETTERS = "ABCDEFGHIJ"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data source is unknown, unreadable or malformed."""
 
 
@@ -292,13 +294,16 @@ class SourceCounts:
 def load_source(spec: SourceSpec) -> tuple[list[Conversation], dict[str, Any]]:
     """The conversations of one source and a description of where they came from."""
     if spec.name in SOURCES:
-        return load_hub_source(spec.name), SOURCES[spec.name].describe()
-    path = Path(spec.name)
-    if path.suffix == ".jsonl" or path.exists():
-        return read_jsonl(path, source=spec.name), {"file": str(path)}
-    raise DataError(
-        f"unknown data source {spec.name!r}: use one of {', '.join(SOURCES)} or a .jsonl file"
-    )
+        conversations, where = load_hub_source(spec.name), SOURCES[spec.name].describe()
+    elif (path := Path(spec.name)).suffix == ".jsonl" or path.exists():
+        conversations, where = read_jsonl(path, source=spec.name), {"file": str(path)}
+    else:
+        raise DataError(
+            f"unknown data source {spec.name!r}: use one of {', '.join(SOURCES)} or a .jsonl file"
+        )
+    if not conversations:
+        raise DataError(f"data source {spec.name!r} holds no example with a reply to learn")
+    return conversations, where
 
 
 def weighted_sample(items: Sequence[Any], weight: float, rng: random.Random) -> list[Any]:

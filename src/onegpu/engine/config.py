@@ -1,0 +1,30 @@
+"""What the engine is built from: a plain frozen dataclass, no torch, no pydantic.
+
+Its defaults are the engine's defaults; `onegpu.settings.ServeSettings` describes each field for
+people (flag, environment variable, help) and converts into this class in one method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """What to load and where. `model=None` means the embedded default (SmolLM2-135M)."""
+
+    model: str | None = None
+    revision: str | None = None
+    adapter: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    gpu_memory_gib: float | None = None
+    max_context: int = 2048
+    default_stop: tuple[str, ...] = ("\n\n",)
+    trust_remote_code: bool = False
+    max_batch: int = 32
+    cuda_graphs: bool = True
+    kv_cache_dtype: str = "auto"
+    block_size: int = 16
+    prefill_chunk: int = 512
+    prefix_cache: bool = True
