@@ -42,6 +42,7 @@ def serve(settings: ServeSettings) -> None:
     # Loaded here rather than in the app's lifespan so that a model that cannot load is a one-line
     # error; either way the port opens only once the model is ready.
     engine = load_engine(settings.engine_config())
+    log.info("serve settings: %s", settings.model_dump_json())
     uvicorn.run(
         create_app(settings, engine=engine),
         host=settings.host,
@@ -250,7 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         settings.configure_logging()
         debug = settings.log_level == "DEBUG"
-        log.info("%s settings: %s", name, settings.model_dump_json())
+        # At DEBUG here: a mistake found next must stay one line. Serve logs its settings once
+        # the model is loaded; quantize and train write them into their record.
+        log.debug("%s settings: %s", name, settings.model_dump_json())
         JOBS[name].run(settings)
     except UserError as exc:
         return _fail(prog, exc, USER_ERROR, debug)

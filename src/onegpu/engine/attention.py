@@ -69,13 +69,20 @@ def paged_attention(
     new_values = value.transpose(1, 2).reshape(rows, kv_heads, dim)
     layer = onegpu_pass.cache.write(module.layer_idx, new_keys, new_values, onegpu_pass.slots)
     q = query.transpose(1, 2).reshape(rows, q_heads, dim)  # [N, Hq, D]
-    if onegpu_pass.triton:
+    p = onegpu_pass
+    if p.triton:
         from onegpu.engine import kernels
 
-        run = kernels.decode if onegpu_pass.decode else kernels.prefill
+        if p.decode:
+            out = kernels.decode(q, layer, p.tables, p.lengths, scale)
+        else:
+            out = kernels.prefill(
+                q, layer, p.tables, p.query_start, p.lengths, p.tiles, scale, tile=PREFILL_TILE
+            )
+    elif p.decode:
+        out = decode_reference(q, layer, p, scale)
     else:
-        run = decode_reference if onegpu_pass.decode else prefill_reference
-    out = run(q, layer, onegpu_pass, scale)
+        out = prefill_reference(q, layer, p, scale)
     return out.view(batch, steps, q_heads, dim), None
 
 

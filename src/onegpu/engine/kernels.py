@@ -5,7 +5,7 @@ to SPLIT_BLOCKS blocks of its row's table and writes a partial result; a second 
 the splits. The grid depends only on the batch and the table width, never on the lengths, so a
 replayed CUDA graph stays valid as sequences grow: programs past a row's length return at once.
 
-prefill: flash attention over packed chunks. Program (tile, head) takes up to PREFILL_TILE query
+prefill: flash attention over packed chunks. Program (tile, head) takes up to `tile` query
 rows of one sequence's chunk and walks that sequence's blocks up to its last query position,
 causal on the diagonal. Cached prefixes are read from the pool where they are, never copied.
 
@@ -19,7 +19,6 @@ import torch
 import triton
 import triton.language as tl
 
-from onegpu.engine.attention import PREFILL_TILE, Pass
 from onegpu.engine.kvcache import Layer
 
 # Blocks one decode program walks: 16 blocks of 16 positions = 256 positions per split.
@@ -184,24 +183,29 @@ def _scale_strides(layer: Layer) -> tuple[torch.Tensor, torch.Tensor, tuple[int,
     return layer.key_scales, layer.value_scales, tuple(layer.key_scales.stride())
 
 
-def decode(q: torch.Tensor, layer: Layer, p: Pass, scale: float) -> torch.Tensor:
-    """q [B, Hq, D] -> [B, Hq, D] over each row's first `p.lengths[row]` positions."""
+def decode(
+    q: torch.Tensor, layer: Layer, tables: torch.Tensor, lengths: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """q [B, Hq, D] -> [B, Hq, D], row b over its first `lengths[b]` positions.
+
+    tables: [B, W] int32 block tables; lengths: [B] int32 (0 for a padding row: output 0).
+    """
     rows, q_heads, dim = q.shape
     block_size, kv_heads = layer.keys.shape[1], layer.keys.shape[2]
     dp = triton.next_power_of_2(dim)
-    splits = triton.cdiv(p.tables.shape[1], SPLIT_BLOCKS)
+    splits = triton.cdiv(tables.shape[1], SPLIT_BLOCKS)
     acc = torch.empty(rows, q_heads, splits, dp, dtype=torch.float32, device=q.device)
     maxes = torch.empty(rows, q_heads, splits, dtype=torch.float32, device=q.device)
     sums = torch.empty_like(maxes)
     key_scales, value_scales, scale_strides = _scale_strides(layer)
     _decode_split[(rows, q_heads, splits)](
-        q, layer.keys, layer.values, key_scales, value_scales, p.tables, p.lengths,
+        q, layer.keys, layer.values, key_scales, value_scales, tables, lengths,
         acc, maxes, sums,
         scale,
         q.stride(0), q.stride(1),
         layer.keys.stride(0), layer.keys.stride(1), layer.keys.stride(2),
         *scale_strides,
-        p.tables.stride(0),
+        tables.stride(0),
         acc.stride(0), acc.stride(1), acc.stride(2),
         maxes.stride(0), maxes.stride(1),
         GROUP=q_heads // kv_heads, BLOCK=block_size, D=dim, DP=dp,
@@ -209,7 +213,7 @@ def decode(q: torch.Tensor, layer: Layer, p: Pass, scale: float) -> torch.Tensor
     )  # fmt: skip
     out = torch.empty_like(q)
     _decode_merge[(rows, q_heads)](
-        acc, maxes, sums, p.lengths, out,
+        acc, maxes, sums, lengths, out,
         acc.stride(0), acc.stride(1), acc.stride(2),
         maxes.stride(0), maxes.stride(1),
         out.stride(0), out.stride(1),
@@ -219,23 +223,37 @@ def decode(q: torch.Tensor, layer: Layer, p: Pass, scale: float) -> torch.Tensor
     return out
 
 
-def prefill(q: torch.Tensor, layer: Layer, p: Pass, scale: float) -> torch.Tensor:
-    """q [N, Hq, D] (packed chunks) -> [N, Hq, D], causal within each sequence."""
+def prefill(
+    q: torch.Tensor,
+    layer: Layer,
+    tables: torch.Tensor,
+    query_start: torch.Tensor,
+    lengths: torch.Tensor,
+    tiles: torch.Tensor,
+    scale: float,
+    *,
+    tile: int,
+) -> torch.Tensor:
+    """q [N, Hq, D] (packed chunks) -> [N, Hq, D], causal within each sequence.
+
+    Sequence s owns query rows query_start[s]:query_start[s + 1], the last of its lengths[s]
+    positions; tiles [n, 2] int32 lists (sequence, first row in its chunk) per `tile` rows.
+    """
     tokens, q_heads, dim = q.shape
     block_size, kv_heads = layer.keys.shape[1], layer.keys.shape[2]
     dp = max(triton.next_power_of_2(dim), 16)
     out = torch.empty_like(q)
     key_scales, value_scales, scale_strides = _scale_strides(layer)
-    _prefill[(p.tiles.shape[0], q_heads)](
-        q, layer.keys, layer.values, key_scales, value_scales, p.tables, p.query_start,
-        p.lengths, p.tiles, out,
+    _prefill[(tiles.shape[0], q_heads)](
+        q, layer.keys, layer.values, key_scales, value_scales, tables, query_start,
+        lengths, tiles, out,
         scale,
         q.stride(0), q.stride(1),
         layer.keys.stride(0), layer.keys.stride(1), layer.keys.stride(2),
         *scale_strides,
-        p.tables.stride(0),
+        tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=q_heads // kv_heads, BLOCK=block_size, D=dim, DP=dp,
-        TILE=PREFILL_TILE, QUANT=layer.quantized,
+        TILE=tile, QUANT=layer.quantized,
     )  # fmt: skip
     return out
