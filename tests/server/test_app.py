@@ -82,12 +82,37 @@ def test_echo_returns_prompt_and_aligned_tokens(tiny_client):
         {"prompt": "x", "num_return_sequences": 3},
         {"prompt": "x", "stop_sequences": "###"},
         {"prompt": "x", "seed": 1.5},
+        {"prompt": "x", "seed": 2**64},
+        {"prompt": "x", "seed": -(2**63) - 1},
     ],
 )
 def test_bad_bodies_are_422(tiny_client, body):
     response = tiny_client.post("/process", json=body)
     assert response.status_code == 422, response.text
     assert response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "edge",
+    [
+        {"seed": 2**64 - 1},
+        {"seed": -(2**63)},
+        {"seed": 0},
+        {"top_k": 2**63},
+        {"top_k": 2**100},
+        {"top_k": 0},
+        {"top_p": 1e-300},
+        {"temperature": 1e308},
+        {"temperature": 5e-324},
+        {"top_k_per_token": 20, "temperature": 0},
+        {"max_new_tokens": 0},
+    ],
+)
+def test_numeric_edges_are_answered(tiny_client, edge):
+    body = {"prompt": "x", "max_new_tokens": 2, "temperature": 0.5, **edge}
+    response = tiny_client.post("/process", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["text"] is not None
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])

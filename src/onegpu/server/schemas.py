@@ -45,7 +45,8 @@ class ProcessRequest(_Request):
     top_k: int = Field(200, ge=0, description="sampling cut-off; 0 disables")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     temperature: float = Field(0.8, ge=0.0, description="<= 1e-5 (HELM's 1e-7) means greedy")
-    seed: int | None = None
+    # What torch.Generator.manual_seed takes: a signed or unsigned 64-bit integer.
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     echo_prompt: bool = False
     top_k_per_token: int = Field(
         1,
