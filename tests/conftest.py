@@ -9,8 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from onegpu.engine.generate import Engine
-from onegpu.engine.types import ModelInfo
+# Without a GPU, Triton kernels run in its interpreter (on CPU tensors); this must be set before
+# any kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from onegpu.engine.generate import Engine  # noqa: E402
+from onegpu.engine.types import ModelInfo  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 HELM_PYTHON = REPO / ".venv-helm" / "bin" / "python"

@@ -43,9 +43,8 @@ def _decode_split(
     split = tl.program_id(2)
     length = tl.load(LENGTHS + row)
     first = split * SPLIT
-    if first * BLOCK >= length:
-        return
-    blocks = tl.minimum(SPLIT, tl.cdiv(length, BLOCK) - first)
+    # Splits past the row's length do nothing (the merge reads only the splits that ran).
+    blocks = tl.maximum(tl.minimum(tl.cdiv(length, BLOCK) - first, SPLIT), 0)
     kv_head = head // GROUP
     dims = tl.arange(0, DP)
     dim_ok = dims < D
@@ -73,11 +72,12 @@ def _decode_split(
         total = total * alpha + tl.sum(p, axis=0)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         m = m_new
+    ran = tl.zeros([1], tl.int32) < blocks  # [1]
     out = row * stride_ab + head * stride_ah + split * stride_as
-    tl.store(ACC + out + dims, acc, mask=dim_ok)
+    tl.store(ACC + out + dims, acc, mask=dim_ok & ran)
     stats = row * stride_mb + head * stride_mh + split + tl.arange(0, 1)
-    tl.store(MAX + stats, m)
-    tl.store(SUM + stats, total)
+    tl.store(MAX + stats, m, mask=ran)
+    tl.store(SUM + stats, total, mask=ran)
 
 
 @triton.jit

@@ -149,7 +149,9 @@ class Scheduler:
                 return "wait"
             cached = match.blocks
         needed = -(-target // size) - len(cached)
-        if self.pool.available < needed + len(self.running):
+        # Cached blocks nobody holds count as available until this sequence holds them.
+        idle = sum(1 for block in cached if self.pool.refs(block) == 0)
+        if self.pool.available - idle < needed + len(self.running):
             return "full"
         self.pool.hold(cached)
         seq.table = list(cached) + self.pool.allocate(needed)
