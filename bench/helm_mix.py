@@ -1,21 +1,24 @@
 """The challenge's request mix from 30 concurrent clients, against the baseline 2023 entries ran.
 
     python bench/helm_mix.py                                  # 14B-shaped 8-bit model, on CUDA
-    python bench/helm_mix.py --shape tiny --device cpu --cycles 1 --baseline-cycles 1  # self-check
+    python bench/helm_mix.py --shape tiny --device cpu --scale 0.1 --baseline-samples 1  # check
 
 One process, one GPU, one loaded checkpoint (random 8-bit GPTQ weights in the exact Qwen-14B
 shape, built first, loaded as `onegpu serve` loads it: Marlin, GPU capped at 24 GiB):
-  1. onegpu: the app on a real uvicorn on loopback, `--clients` threads posting the mix over HTTP;
+  1. onegpu: the app on a real uvicorn on loopback, `--clients` threads posting over HTTP;
   2. baseline: transformers `generate()` on the same model, one request at a time (greedy or
      sampled, stop strings, scores for logprobs): what the 2023 entries ran.
-The mix repeats in cycles of 20 requests, interleaved so any whole cycle is representative:
-  - 10 multiple-choice: 1 token, top 5 logprobs, few-shot prompts (500-1,800 tokens) that share
-    their examples within each of 3 scenarios, as HELM's in-context examples do;
-  - 4 BIG-bench-like: 64 tokens, no stop;
-  - 3 GSM-like: up to 400 tokens, stop "\\n\\n";
-  - 3 summaries: up to 128 tokens at temperature 0.3 (seeded).
-Both sides run whole cycles (the baseline fewer: it is slow). Prints a table last and writes
-helm_mix.json to --out.
+Two orders of the same kinds of work (`--orders`):
+  - helm: run spec by run spec, as `helm-run -n 30` sends them: 7 scenarios, 190 requests; all
+    instances of a scenario share its few-shot block (the in-context examples) and differ in the
+    last 60-500 tokens; the next scenario starts when the last one is answered;
+  - interleaved: cycles of 20 requests (10 multiple choice over 3 few-shot blocks, 4 BIG-bench,
+    3 GSM, 3 summaries) shuffled together, all in flight at once.
+Prompts are built to token counts with the model's own tokenizer, so they fit the window
+whichever tokenizer the checkpoint has. The baseline runs `--baseline-samples` requests of each
+scenario (its requests are served one at a time, so times add up) and its total is estimated as
+the sum over scenarios of count x mean seconds. Prints tables last; writes helm_mix.LABEL.json.
+Works against an older onegpu too (PYTHONPATH=old/src), for a before/after in one run.
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ import os
 import random
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,79 +43,131 @@ sys.path.insert(0, str(HERE.parent))
 from load import HELM_DEFAULTS  # noqa: E402
 from train_14b import QWEN_14B, TINY, WORDS, build_checkpoint, make_tokenizer  # noqa: E402
 
-SCENARIOS = 3
 SHAPES = {"qwen14b": QWEN_14B, "tiny": TINY}
 
 
-def words(rng: random.Random, n: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n))
+@dataclass(frozen=True)
+class Scenario:
+    """A run spec: `count` instances sharing a `shot`-token few-shot block, each adding
+    `own` tokens, answered with up to `new` tokens."""
+
+    name: str
+    kind: str  # mc | short | bigbench | gsm | summary
+    count: int
+    shot: int
+    own: int
+    new: int
 
 
-def few_shot_block(scenario: int, n_tokens: int) -> str:
-    """A scenario's in-context examples: the same text for every instance of that scenario."""
-    rng = random.Random(1000 + scenario)
-    examples = []
-    while sum(len(e.split()) for e in examples) < n_tokens:
-        examples.append(
-            f"Question: {words(rng, 40)}?\nA. {words(rng, 3)}\nB. {words(rng, 3)}\n"
-            f"C. {words(rng, 3)}\nD. {words(rng, 3)}\nAnswer: {rng.choice('ABCD')}\n\n"
-        )
-    return "".join(examples)
+# HELM's shapes: most scored instances are 1-token multiple choice; a few tasks generate long.
+HELM_ORDER = [
+    Scenario("mmlu", "mc", 40, 500, 60, 1),
+    Scenario("truthful_qa", "mc", 40, 700, 80, 1),
+    Scenario("bbq", "mc", 30, 900, 100, 1),
+    Scenario("narrative_qa", "short", 40, 600, 100, 20),
+    Scenario("big_bench", "bigbench", 20, 300, 100, 64),
+    Scenario("gsm", "gsm", 10, 900, 60, 400),
+    Scenario("summarization", "summary", 10, 700, 500, 128),
+]
+# The interleaved mix: multiple choice over three few-shot blocks, and three generating kinds.
+INTERLEAVED = [
+    Scenario("mc_short", "mc", 0, 420, 50, 1),
+    Scenario("mc_medium", "mc", 0, 850, 50, 1),
+    Scenario("mc_long", "mc", 0, 1550, 50, 1),
+    Scenario("big_bench", "bigbench", 0, 0, 375, 64),
+    Scenario("gsm", "gsm", 0, 0, 1125, 400),
+    Scenario("summary", "summary", 0, 0, 1000, 128),
+]
 
 
-def mix(cycles: int, scale: float) -> list[dict]:
-    """`cycles` x 20 request bodies, as HELM sends them, interleaved by kind."""
+def text_of(tokenizer, rng: random.Random, tokens: int) -> str:
+    """Random common words cut to `tokens` tokens of `tokenizer`."""
+    if tokens <= 0:
+        return ""
+    words = " ".join(rng.choice(WORDS) for _ in range(tokens * 2))
+    ids = tokenizer(words, add_special_tokens=False)["input_ids"][:tokens]
+    return tokenizer.decode(ids).strip()
+
+
+def body_of(scenario: Scenario, shot: str, own: str, seed: int) -> dict:
+    """The /process body HELM would send for one instance (every key present)."""
+    base = {**HELM_DEFAULTS, "max_new_tokens": scenario.new}
+    if scenario.kind == "mc":
+        prompt = f"{shot}Question: {own}?\nA. x\nB. y\nC. z\nD. w\nAnswer:"
+        return {**base, "prompt": prompt, "top_k_per_token": 5}
+    if scenario.kind == "short":
+        return {**base, "prompt": f"{shot}Passage: {own}\nAnswer:", "stop_sequences": ["\n"]}
+    if scenario.kind == "bigbench":
+        return {**base, "prompt": f"{shot}{own}\n"}
+    if scenario.kind == "gsm":
+        return {**base, "prompt": f"{shot}Q: {own}\nA:", "stop_sequences": ["\n\n"]}
+    prompt = f"{shot}Article: {own}\n\nSummarize the above article:"
+    return {**base, "prompt": prompt, "temperature": 0.3, "seed": seed}
+
+
+def helm_order(tokenizer, scale: float) -> list[dict]:
+    out = []
+    for s, scenario in enumerate(HELM_ORDER):
+        rng = random.Random(100 + s)
+        shot = text_of(tokenizer, rng, int(scenario.shot * scale))
+        shot = f"{shot}\n\n" if shot else ""
+        for i in range(scenario.count):
+            own = text_of(tokenizer, rng, int(scenario.own * scale))
+            body = body_of(scenario, shot, own, seed=1000 * s + i)
+            out.append({"scenario": scenario.name, "kind": scenario.kind, "body": body})
+    return out
+
+
+def interleaved(tokenizer, cycles: int, scale: float) -> list[dict]:
     rng = random.Random(0)
-    base = HELM_DEFAULTS
-    # Few-shot blocks of about 470, 940 and 1,690 tokens (1.25 tokens per word here), so the
-    # prompts span 500-1,800 tokens with their question.
-    blocks = [few_shot_block(s, int(n * scale)) for s, n in enumerate((380, 750, 1350))]
+    shots = {
+        s.name: text_of(tokenizer, random.Random(1000 + i), int(s.shot * scale)) + "\n\n"
+        for i, s in enumerate(INTERLEAVED)
+        if s.shot
+    }
+    by_kind = {s.kind: s for s in INTERLEAVED if s.kind != "mc"}
+    multiple_choice = [s for s in INTERLEAVED if s.kind == "mc"]
     out = []
     for c in range(cycles):
         kinds = ["mc"] * 10 + ["bigbench"] * 4 + ["gsm"] * 3 + ["summary"] * 3
         random.Random(c).shuffle(kinds)
         for i, kind in enumerate(kinds):
-            q = words(rng, int(40 * scale) + 1)
-            if kind == "mc":
-                prompt = f"{blocks[i % SCENARIOS]}Question: {q}?\nA. x\nB. y\nC. z\nD. w\nAnswer:"
-                body = {**base, "prompt": prompt, "max_new_tokens": 1, "top_k_per_token": 5}
-            elif kind == "bigbench":
-                body = {
-                    **base,
-                    "prompt": f"{words(rng, int(300 * scale))}\n{q}",
-                    "max_new_tokens": 64,
-                }
-            elif kind == "gsm":
-                prompt = f"{words(rng, int(900 * scale))}\nQ: {q}\nA:"
-                body = {**base, "prompt": prompt, "max_new_tokens": 400, "stop_sequences": ["\n\n"]}
-            else:
-                prompt = f"Article: {words(rng, int(800 * scale))}\n\nSummarize the above article:"
-                body = {
-                    **base,
-                    "prompt": prompt,
-                    "max_new_tokens": 128,
-                    "temperature": 0.3,
-                    "seed": c * 100 + i,
-                }
-            out.append({"kind": kind, "body": body})
+            scenario = multiple_choice[i % 3] if kind == "mc" else by_kind[kind]
+            own = text_of(tokenizer, rng, int(scenario.own * scale))
+            body = body_of(scenario, shots.get(scenario.name, ""), own, seed=c * 100 + i)
+            out.append({"scenario": scenario.name, "kind": kind, "body": body})
     return out
 
 
-class PeakMemory:
-    """The allocator's peak GPU memory over the block (0 on the CPU)."""
+class Peaks:
+    """Samples the engine while a run goes on: most requests running, most KV blocks in use."""
 
-    def __init__(self, device: str):
-        self.cuda = device.startswith("cuda")
-        self.peak = 0
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.running = 0
+        self.blocks = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        stats = getattr(self.engine, "stats", None)
+        while not self._stop.is_set():
+            self.running = max(self.running, self.engine.running)
+            if stats is not None:
+                self.blocks = max(self.blocks, stats()["blocks_in_use"])
+            time.sleep(0.01)
 
     def __enter__(self):
-        if self.cuda:
+        if self.engine.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        self._thread.start()
         return self
 
     def __exit__(self, *_):
-        if self.cuda:
-            self.peak = torch.cuda.max_memory_allocated()
+        self._stop.set()
+        self._thread.join()
+        cuda = self.engine.device.type == "cuda"
+        self.gpu_gib = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
 
 
 def summarize(latencies: list[float], tokens: int, seconds: float, failures: int) -> dict:
@@ -128,7 +183,8 @@ def summarize(latencies: list[float], tokens: int, seconds: float, failures: int
     }
 
 
-def run_onegpu(engine, requests: list[dict], clients: int) -> dict:
+def run_onegpu(engine, requests: list[dict], clients: int, *, by_scenario: bool) -> dict:
+    """Post `requests` from `clients` threads over HTTP; scenario by scenario if asked."""
     import httpx
 
     from onegpu.server.app import create_app
@@ -140,6 +196,13 @@ def run_onegpu(engine, requests: list[dict], clients: int) -> dict:
     tokens = 0
     failures: list[str] = []
     lock = threading.Lock()
+    groups = (
+        [[r for r in requests if r["scenario"] == name] for name in _names(requests)]
+        if by_scenario
+        else [requests]
+    )
+    per_group: dict[str, float] = {}
+    prompt_tokens = sum(len(engine.tokenize(r["body"]["prompt"])) for r in requests)
     with live_server(app) as url, httpx.Client(base_url=url, timeout=3600) as client:
 
         def post(item: dict) -> None:
@@ -155,31 +218,56 @@ def run_onegpu(engine, requests: list[dict], clients: int) -> dict:
                 tokens += len(response.json()["tokens"])
 
         client.post("/process", json={"prompt": "warm up", "max_new_tokens": 2})
-        with PeakMemory(engine.info.device) as memory:
+        reused_before = engine.reused_tokens
+        with Peaks(engine) as peaks:
             start = time.perf_counter()
-            with ThreadPoolExecutor(clients) as pool:
-                list(pool.map(post, requests))
+            for group in groups:
+                began = time.perf_counter()
+                with ThreadPoolExecutor(clients) as pool:
+                    list(pool.map(post, group))
+                per_group[group[0]["scenario"] if by_scenario else "all"] = (
+                    time.perf_counter() - began
+                )
             seconds = time.perf_counter() - start
     result = summarize(latencies, tokens, seconds, len(failures))
+    reused = engine.reused_tokens - reused_before
     result |= {
         "clients": clients,
-        "peak_gpu_gib": memory.peak / 2**30,
+        "peak_gpu_gib": peaks.gpu_gib,
+        "peak_running": peaks.running,
+        "peak_blocks_in_use": peaks.blocks or None,
         "failure_samples": failures[:5],
-        "slots": engine.cache.slots,
-        "reused_prompt_tokens": engine.reused_tokens,
+        "prompt_tokens": prompt_tokens,
+        "reused_prompt_tokens": reused,
+        "reused_share": reused / prompt_tokens,
         "kv_cache_gib": engine.cache.nbytes() / 2**30,
+        "scenario_seconds": per_group,
     }
+    if hasattr(engine, "stats"):
+        result["engine"] = engine.stats()
+    if by_scenario:
+        mc = [s.name for s in HELM_ORDER if s.kind == "mc"]
+        count = sum(1 for r in requests if r["scenario"] in mc)
+        result["mc_requests_per_s"] = count / sum(per_group[name] for name in mc)
     return result
 
 
-def run_baseline(engine, requests: list[dict]) -> dict:
-    """transformers generate(), one request at a time, with what HELM needs from each answer."""
+def _names(requests: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["scenario"] for r in requests))
+
+
+def run_baseline(engine, requests: list[dict], samples: int) -> dict:
+    """transformers generate(), one request at a time, on `samples` requests per scenario.
+
+    A one-at-a-time server's total is the sum of its requests' times, so the whole mix's time
+    is estimated as sum over scenarios of (its requests) x (mean seconds of its samples)."""
     model, tokenizer = engine.model, engine.tokenizer
-    latencies: list[float] = []
+    total_seconds = 0.0
+    measured: dict[str, list[float]] = {}
     tokens = 0
-    with PeakMemory(engine.info.device) as memory:
-        start = time.perf_counter()
-        for item in requests:
+    for name in _names(requests):
+        group = [r for r in requests if r["scenario"] == name]
+        for item in group[:samples]:
             body = item["body"]
             began = time.perf_counter()
             ids = torch.tensor([engine.tokenize(body["prompt"])], device=engine.device)
@@ -200,90 +288,126 @@ def run_baseline(engine, requests: list[dict]) -> dict:
                 pad_token_id=tokenizer.eos_token_id,
             )
             new = out.sequences[0, ids.shape[1] :]
-            logprobs = [
+            for score in out.scores:
                 torch.log_softmax(score[0].float(), -1).topk(body["top_k_per_token"])
-                for score in out.scores
-            ]
             tokenizer.decode(new, skip_special_tokens=True)
-            tokens += len(logprobs)
-            latencies.append(time.perf_counter() - began)
-        seconds = time.perf_counter() - start
-    return summarize(latencies, tokens, seconds, 0) | {"peak_gpu_gib": memory.peak / 2**30}
+            measured.setdefault(name, []).append(time.perf_counter() - began)
+            tokens += len(out.scores) * len(group) / min(samples, len(group))
+        total_seconds += len(group) * statistics.mean(measured[name])
+    return {
+        "requests": len(requests),
+        "sampled": sum(len(v) for v in measured.values()),
+        "seconds_estimated": total_seconds,
+        "requests_per_s": len(requests) / total_seconds,
+        "generated_tokens_per_s": tokens / total_seconds,
+        "mean_seconds": {name: statistics.mean(v) for name, v in measured.items()},
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen14b")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--cycles", type=int, default=3, help="20-request cycles for onegpu")
-    parser.add_argument("--baseline-cycles", type=int, default=1)
+    parser.add_argument("--orders", default="helm,interleaved", help="helm, interleaved or both")
+    parser.add_argument("--cycles", type=int, default=3, help="20-request interleaved cycles")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every token count")
     parser.add_argument("--clients", type=int, default=30)
     parser.add_argument("--gpu-memory-gib", type=float, default=24.0)
+    parser.add_argument("--baseline-samples", type=int, default=1, help="per scenario; 0: none")
+    parser.add_argument("--label", default="onegpu", help="names this engine in the output")
+    parser.add_argument("--engine-args", default="{}", help="EngineConfig fields, as JSON")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
-    parser.add_argument(
-        "--checkpoint", help="build the checkpoint here and keep it (default: temp)"
-    )
+    parser.add_argument("--checkpoint", help="build the checkpoint here once and reuse it")
     args = parser.parse_args()
+    import onegpu
     from onegpu.engine.loading import EngineConfig, load_engine
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tiny = args.shape == "tiny"
-    scale = 0.1 if tiny else 1.0
-    result: dict = {"shape": args.shape, "device": args.device, "clients": args.clients}
-    if args.device.startswith("cuda"):
+    cuda = args.device.startswith("cuda")
+    result: dict = {"shape": args.shape, "device": args.device, "label": args.label}
+    result["onegpu_source"] = str(Path(onegpu.__file__).parent)
+    if cuda:
         result["gpu"] = torch.cuda.get_device_name()
-    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/tmp")) as work:
-        work = args.checkpoint or work
-        start = time.perf_counter()
-        tokenizer = make_tokenizer(WORDS)
+    tokenizer = make_tokenizer(WORDS)
+    result["tokenizer"] = type(tokenizer).__name__ + f" ({len(tokenizer)} ids)"
+    folder = Path(args.checkpoint or out / "checkpoint") / f"gptq8-{args.shape}"
+    start = time.perf_counter()
+    if not (folder / "config.json").exists():
         shape = dict(SHAPES[args.shape])
-        shape["vocab_size"] = max(shape["vocab_size"], len(tokenizer))  # tiny + the Qwen tokenizer
-        folder = build_checkpoint(Path(work) / "gptq8", shape, tokenizer)
-        result["checkpoint_write_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        engine = load_engine(
-            EngineConfig(
-                model=str(folder),
-                device=args.device,
-                dtype="float16" if args.device.startswith("cuda") else "float32",
-                gpu_memory_gib=args.gpu_memory_gib,
+        shape["vocab_size"] = max(shape["vocab_size"], len(tokenizer))
+        build_checkpoint(folder, shape, tokenizer)
+    result["checkpoint_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    engine = load_engine(
+        EngineConfig(
+            model=str(folder),
+            device=args.device,
+            dtype="float16" if cuda else "float32",
+            gpu_memory_gib=args.gpu_memory_gib,
+            **json.loads(args.engine_args),
+        )
+    )
+    result["load_s"] = time.perf_counter() - start
+    for order in args.orders.split(","):
+        if order == "helm":
+            requests = helm_order(engine.tokenizer, args.scale)
+        else:
+            requests = interleaved(engine.tokenizer, args.cycles, args.scale)
+        lengths = [len(engine.tokenize(r["body"]["prompt"])) for r in requests]
+        window = engine.info.max_context
+        too_long = sum(
+            n + r["body"]["max_new_tokens"] > window for n, r in zip(lengths, requests, strict=True)
+        )
+        if too_long:
+            sys.exit(f"{too_long} {order} prompts exceed the {window}-token window: lower --scale")
+        entry: dict = {"prompt_tokens": {"min": min(lengths), "max": max(lengths)}}
+        entry["onegpu"] = run_onegpu(engine, requests, args.clients, by_scenario=order == "helm")
+        if args.baseline_samples:
+            base = run_baseline(engine, requests, args.baseline_samples)
+            entry["baseline"] = base
+            entry["requests_per_s_ratio"] = (
+                entry["onegpu"]["requests_per_s"] / base["requests_per_s"]
             )
-        )
-        result["load_s"] = time.perf_counter() - start
-        requests = mix(args.cycles, scale)
-        prompt_tokens = [len(engine.tokenize(r["body"]["prompt"])) for r in requests]
-        result["prompt_tokens"] = {"min": min(prompt_tokens), "max": max(prompt_tokens)}
-        result["onegpu"] = run_onegpu(engine, requests, args.clients)
-        result["onegpu"]["cycles"] = args.cycles
-        result["baseline"] = run_baseline(engine, requests[: 20 * args.baseline_cycles])
-        result["baseline"]["cycles"] = args.baseline_cycles
-    ours, base = result["onegpu"], result["baseline"]
-    result["requests_per_s_ratio"] = ours["requests_per_s"] / base["requests_per_s"]
-    result["tokens_per_s_ratio"] = ours["generated_tokens_per_s"] / base["generated_tokens_per_s"]
-    (out / "helm_mix.json").write_text(json.dumps(result, indent=2))
-
-    print(
-        f"\nhelm-mix, {args.shape} on {result.get('gpu', args.device)}; prompts "
-        f"{result['prompt_tokens']['min']}-{result['prompt_tokens']['max']} tokens; load "
-        f"{result['load_s']:.0f} s; {ours['slots']} KV rows; "
-        f"{ours['reused_prompt_tokens']} prompt tokens reused"
-    )
-    print(
-        f"{'':>10} {'req':>5} {'fail':>4} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p95 s':>7} "
-        f"{'peak GiB':>8}"
-    )
-    for name, r in (("onegpu", ours), ("generate()", base)):
-        print(
-            f"{name:>10} {r['requests']:>5} {r['failures']:>4} {r['requests_per_s']:>7.2f} "
-            f"{r['generated_tokens_per_s']:>7.1f} {r['p50_s']:>7.2f} {r['p95_s']:>7.2f} "
-            f"{r['peak_gpu_gib']:>8.2f}"
-        )
-    print(
-        f"ratio: requests/s {result['requests_per_s_ratio']:.2f}x, "
-        f"generated tokens/s {result['tokens_per_s_ratio']:.2f}x"
-    )
+        result[order] = entry
+    (out / f"helm_mix.{args.label}.json").write_text(json.dumps(result, indent=2))
+    report(result, args)
     return 0
+
+
+def report(result: dict, args) -> None:
+    print(
+        f"\nhelm-mix [{args.label}], {args.shape} on {result.get('gpu', args.device)}, "
+        f"load {result['load_s']:.0f} s, {result['tokenizer']}"
+    )
+    for order in args.orders.split(","):
+        entry = result[order]
+        ours = entry["onegpu"]
+        print(
+            f"\n{order}: {ours['requests']} requests, prompts {entry['prompt_tokens']['min']}-"
+            f"{entry['prompt_tokens']['max']} tokens; reused {ours['reused_share']:.1%} of "
+            f"{ours['prompt_tokens']} prompt tokens; peak {ours['peak_running']} running, "
+            f"{ours['peak_blocks_in_use']} blocks in use"
+        )
+        print(
+            f"{'':>12} {'req':>5} {'fail':>4} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} "
+            f"{'p95 s':>7} {'peak GiB':>8}"
+        )
+        print(
+            f"{args.label:>12} {ours['requests']:>5} {ours['failures']:>4} "
+            f"{ours['requests_per_s']:>7.2f} {ours['generated_tokens_per_s']:>7.1f} "
+            f"{ours['p50_s'] or 0:>7.2f} {ours['p95_s'] or 0:>7.2f} {ours['peak_gpu_gib']:>8.2f}"
+        )
+        if "baseline" in entry:
+            base = entry["baseline"]
+            print(
+                f"{'generate()':>12} {base['requests']:>5} {'-':>4} {base['requests_per_s']:>7.2f}"
+                f" {base['generated_tokens_per_s']:>7.1f}  (estimated from {base['sampled']} "
+                f"sampled requests); ratio {entry['requests_per_s_ratio']:.1f}x"
+            )
+        if order == "helm":
+            times = ", ".join(f"{k} {v:.1f} s" for k, v in ours["scenario_seconds"].items())
+            print(f"by scenario: {times}; multiple choice {ours['mc_requests_per_s']:.1f} req/s")
 
 
 if __name__ == "__main__":
