@@ -64,9 +64,12 @@ RUN scripts/docker-steps deps --extras "${EXTRAS}"
 # 2. Marlin 8-bit kernels compiled now (minutes of nvcc; no GPU needed) so the first start doesn't
 #    pay for them. Root writes gptqmodel's generated sources into the venv. Loading takes a lock
 #    file in the cache, so any user (`docker run --user`, scripts/docker-job) may write there.
+#    KERNELS=required (the submission image: no CUDA torch or no nvcc fails the build rather than
+#    ship an image that compiles for minutes at its first start), if-possible (build them when the
+#    base can), skip (a CPU image: `make container-test`).
+ARG KERNELS=required
 ARG MARLIN_DTYPES=fp16
-# hadolint ignore=SC2086
-RUN scripts/docker-steps kernels --dtypes ${MARLIN_DTYPES} \
+RUN scripts/docker-steps kernels --mode "${KERNELS}" --dtypes "${MARLIN_DTYPES}" \
     && chmod -R a+rwX /opt/onegpu/kernels
 
 # 3. The code.

@@ -133,6 +133,33 @@ def test_kernels_step_fails_loudly_without_cuda_unless_asked_to_skip():
     assert strict.returncode != 0 and "torch is a CPU build" in strict.stderr
     lenient = steps("--venv", sys.prefix, "kernels", "--if-possible")
     assert lenient.returncode == 0 and "skipped" in lenient.stdout
+    assert steps("--venv", sys.prefix, "kernels", "--mode", "if-possible").returncode == 0
+
+
+def test_kernels_step_skip_mode_builds_nothing_even_where_it_could(tmp_path):
+    # An empty venv: "skip" must not even look for gptqmodel or nvcc.
+    result = steps("--venv", str(tmp_path / "no-venv"), "kernels", "--mode", "skip")
+    assert result.returncode == 0 and "skipped (--mode skip)" in result.stdout
+    assert steps("kernels", "--mode", "sometimes").returncode == 2
+
+
+@pytest.mark.parametrize(
+    ("values", "dtypes"),
+    [
+        (["fp16"], ["fp16"]),
+        (["fp16", "bf16"], ["fp16", "bf16"]),  # words: `--dtypes fp16 bf16`
+        (["fp16 bf16"], ["fp16", "bf16"]),  # one build argument: --dtypes "${MARLIN_DTYPES}"
+        (["bf16,fp16", "bf16"], ["bf16", "fp16"]),  # commas; each once, in order
+    ],
+)
+def test_kernel_dtypes_as_words_or_one_quoted_list(docker_steps, values, dtypes):
+    assert docker_steps.parse_dtypes(values) == dtypes
+
+
+@pytest.mark.parametrize("values", [["fp32"], ["fp16 --if-possible"], [""]])
+def test_kernel_dtypes_refuse_anything_else(docker_steps, values):
+    with pytest.raises(SystemExit, match="--dtypes takes"):
+        docker_steps.parse_dtypes(values)
 
 
 @pytest.mark.cuda

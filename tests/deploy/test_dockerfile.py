@@ -130,6 +130,17 @@ def test_serving_contract():
 TORCH_PYPI_CUDA = {"2.13.0": "13.0"}
 
 
+def test_kernels_are_required_by_default_and_every_mode_is_a_steps_mode(docker_steps):
+    """The submission image fails to build rather than ship without its Marlin kernels; the
+    build argument is passed quoted (no word-splitting tricks) to a mode docker-steps knows."""
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^ARG KERNELS=required$", text, re.M)
+    run = next(r for k, r in final_stage() if k == "RUN" and "docker-steps kernels" in r)
+    assert '--mode "${KERNELS}"' in run and '--dtypes "${MARLIN_DTYPES}"' in run
+    assert docker_steps.KERNEL_MODES[0] == "required"
+    assert "SC2086" not in text, "no unquoted build argument is left to word-split"
+
+
 def test_cuda_base_matches_the_pinned_torch():
     """nvcc must match the CUDA that torch was built with, or JIT-built kernels will not load."""
     pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
