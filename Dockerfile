@@ -84,14 +84,22 @@ RUN scripts/docker-steps app
 #                                       token only ever as the build secret `hf_token`;
 #    neither                            the embedded SmolLM2-135M, converted now.
 #    --build-context adapter=DIR        also bakes a peft adapter (ONEGPU_ADAPTER).
-USER ${UID}:${UID}
+#    The step runs as root because the contexts keep their host owners and modes, and safetensors
+#    writes its files 0600 (the output of `onegpu quantize` and `onegpu train` included), which
+#    UID 10001 could not read; --owner then hands model/, adapter/, cache/ and hf/ to that user.
+#    MODEL_CONTEXT_ID (a hash of the contexts' contents; scripts/docker-job build sets it) makes a
+#    changed folder rebuild this layer on builders that key a bind mount by its path alone
+#    (buildah, so podman); BuildKit keys it by content already.
 ARG MODEL=""
 ARG MODEL_REVISION=""
+ARG MODEL_CONTEXT_ID=""
 RUN --mount=type=bind,from=model,target=/tmp/context/model \
     --mount=type=bind,from=adapter,target=/tmp/context/adapter \
     --mount=type=secret,id=hf_token,uid=${UID},required=false \
     scripts/docker-steps model --from-dir /tmp/context/model --hub-id "${MODEL}" \
-        --revision "${MODEL_REVISION}" --adapter-from-dir /tmp/context/adapter
+        --revision "${MODEL_REVISION}" --adapter-from-dir /tmp/context/adapter \
+        --context-id "${MODEL_CONTEXT_ID}" --owner "${UID}"
+USER ${UID}:${UID}
 
 # One process, one worker (onegpu serve runs uvicorn with workers=1), on 0.0.0.0:80: the
 # challenge's `docker run -p 808N:80`. Host and port come from the environment so that the

@@ -49,8 +49,9 @@ test: setup-test helm-venv lint
 clean:
 	rm -rf $(VENV) $(HELM) .pytest_cache .ruff_cache
 
+# make docker-build ARGS="--model models/qwen14b-gptq-8bit"  (see scripts/docker-job --help)
 docker-build:
-	docker build -t $(IMAGE) $(ARGS) .
+	scripts/docker-job --image $(IMAGE) build $(ARGS)
 
 # make docker-quantize ARGS="Qwen/Qwen-14B --output /models/qwen14b-gptq8"
 docker-serve docker-quantize docker-train: docker-%:

@@ -219,6 +219,35 @@ def test_model_step_copies_a_model_folder_and_an_adapter(tmp_path):
     assert (adapter_dest / "adapter_config.json").is_file()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
+def test_model_step_hands_an_unreadable_context_to_the_owner(tmp_path):
+    """As in the image: root copies a context whose weights are 0600 and belong to someone else
+    (safetensors' default mode), then --owner gives the copy to the server's user."""
+    model = tmp_path / "ctx-model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    weights = model / "model.safetensors"
+    weights.write_bytes(b"w")
+    weights.chmod(0o600)
+    os.chown(weights, 4321, 4321)
+    home = tmp_path / "home"
+    (home / "cache").mkdir(parents=True)
+    (home / "cache" / "converted").write_text("x")
+    result = steps(
+        "--venv", sys.prefix, "model", "--from-dir", str(model), "--owner", "10001",
+        "--context-id", "abc123",
+        env={"ONEGPU_HOME": str(home), "ONEGPU_CACHE_DIR": str(home / "cache"),
+             "HF_HOME": str(home / "hf")},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "build contexts abc123" in result.stdout
+    baked = home / "model" / "model.safetensors"
+    assert baked.read_bytes() == b"w"
+    for path in (home / "model", baked, home / "cache", home / "cache" / "converted"):
+        assert (path.stat().st_uid, path.stat().st_gid) == (10001, 10001), path
+    assert not (home / "hf").exists()  # nothing made up for folders the step never wrote
+
+
 def test_model_step_refuses_a_folder_that_is_not_a_model(tmp_path):
     bad = tmp_path / "ctx"
     bad.mkdir()
@@ -374,6 +403,44 @@ def test_docker_job_runs_quantize_and_train_in_the_image_as_the_caller(tmp_path)
     assert "HF_TOKEN" in cmd and not any("hf_secret_value" in part for part in cmd)
     train = docker_job("--models", str(models), "train", "--output", "/models/adapter")
     assert train[-4:] == ["onegpu", "train", "--output", "/models/adapter"]
+
+
+def test_docker_job_build_bakes_folders_keyed_by_their_contents(tmp_path):
+    """MODEL_CONTEXT_ID follows the files (names and bytes), not where the folder lies, so a
+    changed model always rebuilds the model layer, and a moved one does not."""
+    model = tmp_path / "a" / "model"
+    (model / "sub").mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "sub" / "w.bin").write_bytes(b"1")
+
+    def build_id(*args: str) -> str:
+        cmd = docker_job("--image", "onegpu:test", "build", *args)
+        ids = [c for c in cmd if c.startswith("MODEL_CONTEXT_ID=")]
+        return ids[0].split("=", 1)[1] if ids else ""
+
+    cmd = docker_job("--image", "onegpu:test", "build", "--model", str(model), "--pull")
+    assert cmd[:4] == ["docker", "build", "-t", "onegpu:test"]
+    assert f"model={model}" in cmd and cmd[-2:] == ["--pull", str(REPO)]
+    first = build_id("--model", str(model))
+    moved = tmp_path / "b" / "model"
+    moved.parent.mkdir()
+    model.rename(moved)
+    assert build_id("--model", str(moved)) == first
+    (moved / "sub" / "w.bin").write_bytes(b"2")
+    changed = build_id("--model", str(moved))
+    assert changed != first
+    (moved / "sub" / "w.bin").rename(moved / "w.bin")  # same bytes, another name
+    assert build_id("--model", str(moved)) not in (first, changed)
+    assert build_id("--model", str(moved), "--adapter", str(moved)) != build_id(
+        "--model", str(moved)
+    )
+    assert build_id() == ""  # nothing baked: the embedded model, keyed by the code
+
+
+def test_docker_job_build_with_podman_keeps_the_healthcheck():
+    cmd = docker_job("--engine", "podman", "build")
+    assert cmd[:2] == ["podman", "build"] and "--format" in cmd
+    assert cmd[cmd.index("--format") + 1] == "docker"
 
 
 def test_docker_job_serve_publishes_port_80_and_passes_docker_options():

@@ -141,6 +141,19 @@ def test_kernels_are_required_by_default_and_every_mode_is_a_steps_mode(docker_s
     assert "SC2086" not in text, "no unquoted build argument is left to word-split"
 
 
+def test_model_step_runs_as_root_and_hands_the_model_to_the_server_user():
+    """Root reads any build context (safetensors files are 0600); --owner gives the result to
+    the user the server runs as, which is the USER in force from the next line on. The context id
+    is in the command, so a changed folder changes the step's cache key on every builder."""
+    steps = final_stage()
+    at = next(i for i, (k, r) in enumerate(steps) if k == "RUN" and "docker-steps model" in r)
+    assert not any(k == "USER" for k, _ in steps[:at])
+    assert steps[at + 1] == ("USER", "${UID}:${UID}")
+    run = steps[at][1]
+    assert '--owner "${UID}"' in run and '--context-id "${MODEL_CONTEXT_ID}"' in run
+    assert re.search(r'^ARG MODEL_CONTEXT_ID=""$', DOCKERFILE.read_text(), re.M)
+
+
 def test_cuda_base_matches_the_pinned_torch():
     """nvcc must match the CUDA that torch was built with, or JIT-built kernels will not load."""
     pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
