@@ -21,13 +21,14 @@ FROM scratch AS adapter
 FROM ${CUDA_IMAGE} AS image
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# Python 3.12 (Ubuntu 24.04's) with venv and headers; g++ and PCRE2 to build pypcre (gptqmodel's
-# regex dependency, sdist only) and for torch's JIT builds. Ubuntu's archive moves its package
+# The base's Python (3.12 on Ubuntu 24.04; `make container-test` builds on Debian 12's 3.11) with
+# venv and headers; g++ and PCRE2 to build pypcre (gptqmodel's regex dependency, sdist only) and for
+# torch's JIT builds; setcap for the port-80 interpreter below. Ubuntu's archive moves its package
 # versions, so these are left to the pinned base image rather than pinned here.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
-        ca-certificates g++ libpcre2-dev python3 python3-dev python3-venv \
+        ca-certificates g++ libcap2-bin libpcre2-dev python3 python3-dev python3-venv \
     && rm -rf /var/lib/apt/lists/*
 
 # The server runs as this user; it owns only the folders it writes at run time.
@@ -60,6 +61,16 @@ ARG EXTRAS=train
 COPY pyproject.toml ./
 COPY scripts/docker-steps scripts/
 RUN scripts/docker-steps deps --extras "${EXTRAS}"
+
+# Port 80 as UID 10001. Docker (20.10+) lets every user of a container's own network namespace
+# bind any port (net.ipv4.ip_unprivileged_port_start=0); podman, Kubernetes and other runtimes keep
+# the kernel's 1024, and an image cannot change that sysctl. So this copy of the interpreter
+# carries cap_net_bind_service, which is in every runtime's default capability set, and the
+# entrypoint serves with it only when the port is privileged in the container: on Docker the server
+# runs on the plain interpreter, and with `--cap-drop ALL` only serving on a port below 1024 fails
+# (`-e ONEGPU_PORT=8080` avoids it); quantize and train never use this copy.
+RUN cp "$(readlink -f /opt/venv/bin/python)" /opt/venv/bin/python-netbind \
+    && setcap cap_net_bind_service=+ep /opt/venv/bin/python-netbind
 
 # 2. Marlin 8-bit kernels compiled now (minutes of nvcc; no GPU needed) so the first start doesn't
 #    pay for them. Root writes gptqmodel's generated sources into the venv. Loading takes a lock

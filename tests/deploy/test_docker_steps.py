@@ -302,6 +302,10 @@ def fake_onegpu(tmp_path) -> dict:
     return {"env": env, "home": home}
 
 
+def unprivileged_port_start() -> int:
+    return int(open("/proc/sys/net/ipv4/ip_unprivileged_port_start").read())
+
+
 def entrypoint(env: dict, *cmd: str) -> str:
     result = subprocess.run(
         [str(SCRIPTS / "docker-entrypoint"), *cmd],
@@ -326,6 +330,29 @@ def test_entrypoint_serves_what_was_baked(fake_onegpu):
     env_explicit = {**env, "ONEGPU_MODEL": "/models/other"}
     assert entrypoint(env_explicit, "onegpu", "serve").startswith("args=serve model=/models/other ")
     assert entrypoint(env, "onegpu", "quantize", "--help") == "args=quantize --help model= adapter="
+
+
+def test_entrypoint_serves_a_privileged_port_with_the_netbind_interpreter(fake_onegpu, tmp_path):
+    """Below ip_unprivileged_port_start (podman, Kubernetes) the server runs on the interpreter
+    copy that carries cap_net_bind_service; elsewhere (Docker's 0, or a high port) on the plain
+    one, and other commands never."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    netbind = venv / "bin" / "python-netbind"
+    netbind.write_text('#!/bin/sh\necho "netbind $*"\n')
+    netbind.chmod(0o755)
+    env = {**fake_onegpu["env"], "VIRTUAL_ENV": str(venv)}
+    onegpu = str(tmp_path / "bin" / "onegpu")
+    lowest = unprivileged_port_start()
+    if lowest > 80:
+        assert entrypoint({**env, "ONEGPU_PORT": "80"}, "onegpu", "serve", "--x") == (
+            f"netbind {onegpu} serve --x"
+        )
+    else:  # a host like Docker's containers: any user may bind port 80
+        assert entrypoint({**env, "ONEGPU_PORT": "80"}, "onegpu", "serve").startswith("args=")
+    high = str(max(lowest, 1024))
+    assert entrypoint({**env, "ONEGPU_PORT": high}, "onegpu", "serve").startswith("args=serve")
+    assert entrypoint({**env, "ONEGPU_PORT": "80"}, "onegpu", "train").startswith("args=train")
 
 
 # --------------------------------------------------------------------------- all steps, for real
