@@ -5,9 +5,13 @@
 #   docker build -t onegpu --build-context model=models/qwen14b-gptq-8bit .          # a local folder
 #   HF_TOKEN=... docker build -t onegpu --build-arg MODEL=org/repo --secret id=hf_token,env=HF_TOKEN .
 #   docker run --gpus all -p 8080:80 onegpu           # ready when GET :8080/health answers 200
+#   podman build --format docker -t onegpu .          # podman: keep the HEALTHCHECK (not in OCI)
 #
-# Every RUN step below is `scripts/docker-steps STEP`; CI runs the same steps outside Docker.
-# docs/deploy.md explains the build arguments, the quantize/train recipe and the disk each needs.
+# The RUN steps are `scripts/docker-steps STEP` (CI runs the same steps outside Docker), but for the
+# OS packages, the user, and the port-80 interpreter. `make container-test` builds this file with
+# podman on a local Debian base (CPU torch, KERNELS=skip) and runs it as the organisers did.
+# README.md ("The container") explains the build arguments, the quantize/train recipe, the disk
+# each needs, and what is tested.
 
 # CUDA 13.0 to match torch 2.13.0's wheels (cu130); "devel" for nvcc: gptqmodel JIT-compiles its
 # Marlin kernels. Pin by digest for a byte-reproducible base (nvidia/cuda:...@sha256:...).
