@@ -5,9 +5,13 @@
 #   docker build -t onegpu --build-context model=models/qwen14b-gptq-8bit .          # a local folder
 #   HF_TOKEN=... docker build -t onegpu --build-arg MODEL=org/repo --secret id=hf_token,env=HF_TOKEN .
 #   docker run --gpus all -p 8080:80 onegpu           # ready when GET :8080/health answers 200
+#   podman build --format docker -t onegpu .          # podman: keep the HEALTHCHECK (not in OCI)
 #
-# Every RUN step below is `scripts/docker-steps STEP`; CI runs the same steps outside Docker.
-# docs/deploy.md explains the build arguments, the quantize/train recipe and the disk each needs.
+# The RUN steps are `scripts/docker-steps STEP` (CI runs the same steps outside Docker), but for the
+# OS packages, the user, and the port-80 interpreter. `make container-test` builds this file with
+# podman on a local Debian base (CPU torch, KERNELS=skip) and runs it as the organisers did.
+# README.md ("The container") explains the build arguments, the quantize/train recipe, the disk
+# each needs, and what is tested.
 
 # CUDA 13.0 to match torch 2.13.0's wheels (cu130); "devel" for nvcc: gptqmodel JIT-compiles its
 # Marlin kernels. Pin by digest for a byte-reproducible base (nvidia/cuda:...@sha256:...).
@@ -21,13 +25,14 @@ FROM scratch AS adapter
 FROM ${CUDA_IMAGE} AS image
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# Python 3.12 (Ubuntu 24.04's) with venv and headers; g++ and PCRE2 to build pypcre (gptqmodel's
-# regex dependency, sdist only) and for torch's JIT builds. Ubuntu's archive moves its package
+# The base's Python (3.12 on Ubuntu 24.04; `make container-test` builds on Debian 12's 3.11) with
+# venv and headers; g++ and PCRE2 to build pypcre (gptqmodel's regex dependency, sdist only) and for
+# torch's JIT builds; setcap for the port-80 interpreter below. Ubuntu's archive moves its package
 # versions, so these are left to the pinned base image rather than pinned here.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
-        ca-certificates g++ libpcre2-dev python3 python3-dev python3-venv \
+        ca-certificates g++ libcap2-bin libpcre2-dev python3 python3-dev python3-venv \
     && rm -rf /var/lib/apt/lists/*
 
 # The server runs as this user; it owns only the folders it writes at run time.
@@ -61,12 +66,25 @@ COPY pyproject.toml ./
 COPY scripts/docker-steps scripts/
 RUN scripts/docker-steps deps --extras "${EXTRAS}"
 
+# Port 80 as UID 10001. Docker (20.10+) lets every user of a container's own network namespace
+# bind any port (net.ipv4.ip_unprivileged_port_start=0); podman, Kubernetes and other runtimes keep
+# the kernel's 1024, and an image cannot change that sysctl. So this copy of the interpreter
+# carries cap_net_bind_service, which is in every runtime's default capability set, and the
+# entrypoint serves with it only when the port is privileged in the container: on Docker the server
+# runs on the plain interpreter, and with `--cap-drop ALL` only serving on a port below 1024 fails
+# (`-e ONEGPU_PORT=8080` avoids it); quantize and train never use this copy.
+RUN cp "$(readlink -f /opt/venv/bin/python)" /opt/venv/bin/python-netbind \
+    && setcap cap_net_bind_service=+ep /opt/venv/bin/python-netbind
+
 # 2. Marlin 8-bit kernels compiled now (minutes of nvcc; no GPU needed) so the first start doesn't
 #    pay for them. Root writes gptqmodel's generated sources into the venv. Loading takes a lock
 #    file in the cache, so any user (`docker run --user`, scripts/docker-job) may write there.
+#    KERNELS=required (the submission image: no CUDA torch or no nvcc fails the build rather than
+#    ship an image that compiles for minutes at its first start), if-possible (build them when the
+#    base can), skip (a CPU image: `make container-test`).
+ARG KERNELS=required
 ARG MARLIN_DTYPES=fp16
-# hadolint ignore=SC2086
-RUN scripts/docker-steps kernels --dtypes ${MARLIN_DTYPES} \
+RUN scripts/docker-steps kernels --mode "${KERNELS}" --dtypes "${MARLIN_DTYPES}" \
     && chmod -R a+rwX /opt/onegpu/kernels
 
 # 3. The code.
@@ -81,14 +99,22 @@ RUN scripts/docker-steps app
 #                                       token only ever as the build secret `hf_token`;
 #    neither                            the embedded SmolLM2-135M, converted now.
 #    --build-context adapter=DIR        also bakes a peft adapter (ONEGPU_ADAPTER).
-USER ${UID}:${UID}
+#    The step runs as root because the contexts keep their host owners and modes, and safetensors
+#    writes its files 0600 (the output of `onegpu quantize` and `onegpu train` included), which
+#    UID 10001 could not read; --owner then hands model/, adapter/, cache/ and hf/ to that user.
+#    MODEL_CONTEXT_ID (a hash of the contexts' contents; scripts/docker-job build sets it) makes a
+#    changed folder rebuild this layer on builders that key a bind mount by its path alone
+#    (buildah, so podman); BuildKit keys it by content already.
 ARG MODEL=""
 ARG MODEL_REVISION=""
+ARG MODEL_CONTEXT_ID=""
 RUN --mount=type=bind,from=model,target=/tmp/context/model \
     --mount=type=bind,from=adapter,target=/tmp/context/adapter \
     --mount=type=secret,id=hf_token,uid=${UID},required=false \
     scripts/docker-steps model --from-dir /tmp/context/model --hub-id "${MODEL}" \
-        --revision "${MODEL_REVISION}" --adapter-from-dir /tmp/context/adapter
+        --revision "${MODEL_REVISION}" --adapter-from-dir /tmp/context/adapter \
+        --context-id "${MODEL_CONTEXT_ID}" --owner "${UID}"
+USER ${UID}:${UID}
 
 # One process, one worker (onegpu serve runs uvicorn with workers=1), on 0.0.0.0:80: the
 # challenge's `docker run -p 808N:80`. Host and port come from the environment so that the

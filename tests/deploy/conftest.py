@@ -15,8 +15,9 @@ SCRIPTS = REPO / "scripts"
 
 
 def load_script(name: str) -> ModuleType:
-    """Import an extension-less script (scripts/docker-steps, scripts/run-helm) as a module."""
-    module_name = name.replace("-", "_")
+    """Import a script (scripts/docker-steps, scripts/run-helm, scripts/host_pip_conf.py) as a
+    module."""
+    module_name = name.removesuffix(".py").replace("-", "_")
     if module_name in sys.modules:
         return sys.modules[module_name]
     loader = importlib.machinery.SourceFileLoader(module_name, str(SCRIPTS / name))
@@ -34,3 +35,8 @@ def docker_steps() -> ModuleType:
 @pytest.fixture(scope="session")
 def run_helm() -> ModuleType:
     return load_script("run-helm")
+
+
+@pytest.fixture(scope="session")
+def host_pip_conf() -> ModuleType:
+    return load_script("host_pip_conf.py")

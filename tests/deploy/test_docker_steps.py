@@ -133,6 +133,33 @@ def test_kernels_step_fails_loudly_without_cuda_unless_asked_to_skip():
     assert strict.returncode != 0 and "torch is a CPU build" in strict.stderr
     lenient = steps("--venv", sys.prefix, "kernels", "--if-possible")
     assert lenient.returncode == 0 and "skipped" in lenient.stdout
+    assert steps("--venv", sys.prefix, "kernels", "--mode", "if-possible").returncode == 0
+
+
+def test_kernels_step_skip_mode_builds_nothing_even_where_it_could(tmp_path):
+    # An empty venv: "skip" must not even look for gptqmodel or nvcc.
+    result = steps("--venv", str(tmp_path / "no-venv"), "kernels", "--mode", "skip")
+    assert result.returncode == 0 and "skipped (--mode skip)" in result.stdout
+    assert steps("kernels", "--mode", "sometimes").returncode == 2
+
+
+@pytest.mark.parametrize(
+    ("values", "dtypes"),
+    [
+        (["fp16"], ["fp16"]),
+        (["fp16", "bf16"], ["fp16", "bf16"]),  # words: `--dtypes fp16 bf16`
+        (["fp16 bf16"], ["fp16", "bf16"]),  # one build argument: --dtypes "${MARLIN_DTYPES}"
+        (["bf16,fp16", "bf16"], ["bf16", "fp16"]),  # commas; each once, in order
+    ],
+)
+def test_kernel_dtypes_as_words_or_one_quoted_list(docker_steps, values, dtypes):
+    assert docker_steps.parse_dtypes(values) == dtypes
+
+
+@pytest.mark.parametrize("values", [["fp32"], ["fp16 --if-possible"], [""]])
+def test_kernel_dtypes_refuse_anything_else(docker_steps, values):
+    with pytest.raises(SystemExit, match="--dtypes takes"):
+        docker_steps.parse_dtypes(values)
 
 
 @pytest.mark.cuda
@@ -192,6 +219,35 @@ def test_model_step_copies_a_model_folder_and_an_adapter(tmp_path):
     assert (adapter_dest / "adapter_config.json").is_file()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
+def test_model_step_hands_an_unreadable_context_to_the_owner(tmp_path):
+    """As in the image: root copies a context whose weights are 0600 and belong to someone else
+    (safetensors' default mode), then --owner gives the copy to the server's user."""
+    model = tmp_path / "ctx-model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    weights = model / "model.safetensors"
+    weights.write_bytes(b"w")
+    weights.chmod(0o600)
+    os.chown(weights, 4321, 4321)
+    home = tmp_path / "home"
+    (home / "cache").mkdir(parents=True)
+    (home / "cache" / "converted").write_text("x")
+    result = steps(
+        "--venv", sys.prefix, "model", "--from-dir", str(model), "--owner", "10001",
+        "--context-id", "abc123",
+        env={"ONEGPU_HOME": str(home), "ONEGPU_CACHE_DIR": str(home / "cache"),
+             "HF_HOME": str(home / "hf")},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "build contexts abc123" in result.stdout
+    baked = home / "model" / "model.safetensors"
+    assert baked.read_bytes() == b"w"
+    for path in (home / "model", baked, home / "cache", home / "cache" / "converted"):
+        assert (path.stat().st_uid, path.stat().st_gid) == (10001, 10001), path
+    assert not (home / "hf").exists()  # nothing made up for folders the step never wrote
+
+
 def test_model_step_refuses_a_folder_that_is_not_a_model(tmp_path):
     bad = tmp_path / "ctx"
     bad.mkdir()
@@ -246,6 +302,10 @@ def fake_onegpu(tmp_path) -> dict:
     return {"env": env, "home": home}
 
 
+def unprivileged_port_start() -> int:
+    return int(open("/proc/sys/net/ipv4/ip_unprivileged_port_start").read())
+
+
 def entrypoint(env: dict, *cmd: str) -> str:
     result = subprocess.run(
         [str(SCRIPTS / "docker-entrypoint"), *cmd],
@@ -270,6 +330,29 @@ def test_entrypoint_serves_what_was_baked(fake_onegpu):
     env_explicit = {**env, "ONEGPU_MODEL": "/models/other"}
     assert entrypoint(env_explicit, "onegpu", "serve").startswith("args=serve model=/models/other ")
     assert entrypoint(env, "onegpu", "quantize", "--help") == "args=quantize --help model= adapter="
+
+
+def test_entrypoint_serves_a_privileged_port_with_the_netbind_interpreter(fake_onegpu, tmp_path):
+    """Below ip_unprivileged_port_start (podman, Kubernetes) the server runs on the interpreter
+    copy that carries cap_net_bind_service; elsewhere (Docker's 0, or a high port) on the plain
+    one, and other commands never."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    netbind = venv / "bin" / "python-netbind"
+    netbind.write_text('#!/bin/sh\necho "netbind $*"\n')
+    netbind.chmod(0o755)
+    env = {**fake_onegpu["env"], "VIRTUAL_ENV": str(venv)}
+    onegpu = str(tmp_path / "bin" / "onegpu")
+    lowest = unprivileged_port_start()
+    if lowest > 80:
+        assert entrypoint({**env, "ONEGPU_PORT": "80"}, "onegpu", "serve", "--x") == (
+            f"netbind {onegpu} serve --x"
+        )
+    else:  # a host like Docker's containers: any user may bind port 80
+        assert entrypoint({**env, "ONEGPU_PORT": "80"}, "onegpu", "serve").startswith("args=")
+    high = str(max(lowest, 1024))
+    assert entrypoint({**env, "ONEGPU_PORT": high}, "onegpu", "serve").startswith("args=serve")
+    assert entrypoint({**env, "ONEGPU_PORT": "80"}, "onegpu", "train").startswith("args=train")
 
 
 # --------------------------------------------------------------------------- all steps, for real
@@ -347,6 +430,44 @@ def test_docker_job_runs_quantize_and_train_in_the_image_as_the_caller(tmp_path)
     assert "HF_TOKEN" in cmd and not any("hf_secret_value" in part for part in cmd)
     train = docker_job("--models", str(models), "train", "--output", "/models/adapter")
     assert train[-4:] == ["onegpu", "train", "--output", "/models/adapter"]
+
+
+def test_docker_job_build_bakes_folders_keyed_by_their_contents(tmp_path):
+    """MODEL_CONTEXT_ID follows the files (names and bytes), not where the folder lies, so a
+    changed model always rebuilds the model layer, and a moved one does not."""
+    model = tmp_path / "a" / "model"
+    (model / "sub").mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "sub" / "w.bin").write_bytes(b"1")
+
+    def build_id(*args: str) -> str:
+        cmd = docker_job("--image", "onegpu:test", "build", *args)
+        ids = [c for c in cmd if c.startswith("MODEL_CONTEXT_ID=")]
+        return ids[0].split("=", 1)[1] if ids else ""
+
+    cmd = docker_job("--image", "onegpu:test", "build", "--model", str(model), "--pull")
+    assert cmd[:4] == ["docker", "build", "-t", "onegpu:test"]
+    assert f"model={model}" in cmd and cmd[-2:] == ["--pull", str(REPO)]
+    first = build_id("--model", str(model))
+    moved = tmp_path / "b" / "model"
+    moved.parent.mkdir()
+    model.rename(moved)
+    assert build_id("--model", str(moved)) == first
+    (moved / "sub" / "w.bin").write_bytes(b"2")
+    changed = build_id("--model", str(moved))
+    assert changed != first
+    (moved / "sub" / "w.bin").rename(moved / "w.bin")  # same bytes, another name
+    assert build_id("--model", str(moved)) not in (first, changed)
+    assert build_id("--model", str(moved), "--adapter", str(moved)) != build_id(
+        "--model", str(moved)
+    )
+    assert build_id() == ""  # nothing baked: the embedded model, keyed by the code
+
+
+def test_docker_job_build_with_podman_keeps_the_healthcheck():
+    cmd = docker_job("--engine", "podman", "build")
+    assert cmd[:2] == ["podman", "build"] and "--format" in cmd
+    assert cmd[cmd.index("--format") + 1] == "docker"
 
 
 def test_docker_job_serve_publishes_port_80_and_passes_docker_options():

@@ -81,8 +81,10 @@ def test_every_run_is_a_docker_steps_subcommand(docker_steps):
     for rest in runs:
         found = re.findall(r"scripts/docker-steps (\w+)", rest)
         if not found:
-            # Only the OS layer (apt-get) and the user/folders layer may be plain shell.
-            assert re.search(r"apt-get|useradd", rest), f"RUN outside docker-steps: {rest[:80]}"
+            # Only the OS layer (apt-get), the user/folders layer and the port-80 interpreter
+            # (setcap) may be plain shell.
+            plain = re.search(r"apt-get|useradd|setcap", rest)
+            assert plain, f"RUN outside docker-steps: {rest[:80]}"
         called += found
     assert called == ["deps", "kernels", "app", "model"]
     assert set(called) <= set(subcommands)
@@ -128,6 +130,30 @@ def test_serving_contract():
 
 # The CUDA version of torch's default Linux wheel on PyPI (its cuda-toolkit requirement).
 TORCH_PYPI_CUDA = {"2.13.0": "13.0"}
+
+
+def test_kernels_are_required_by_default_and_every_mode_is_a_steps_mode(docker_steps):
+    """The submission image fails to build rather than ship without its Marlin kernels; the
+    build argument is passed quoted (no word-splitting tricks) to a mode docker-steps knows."""
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^ARG KERNELS=required$", text, re.M)
+    run = next(r for k, r in final_stage() if k == "RUN" and "docker-steps kernels" in r)
+    assert '--mode "${KERNELS}"' in run and '--dtypes "${MARLIN_DTYPES}"' in run
+    assert docker_steps.KERNEL_MODES[0] == "required"
+    assert "SC2086" not in text, "no unquoted build argument is left to word-split"
+
+
+def test_model_step_runs_as_root_and_hands_the_model_to_the_server_user():
+    """Root reads any build context (safetensors files are 0600); --owner gives the result to
+    the user the server runs as, which is the USER in force from the next line on. The context id
+    is in the command, so a changed folder changes the step's cache key on every builder."""
+    steps = final_stage()
+    at = next(i for i, (k, r) in enumerate(steps) if k == "RUN" and "docker-steps model" in r)
+    assert not any(k == "USER" for k, _ in steps[:at])
+    assert steps[at + 1] == ("USER", "${UID}:${UID}")
+    run = steps[at][1]
+    assert '--owner "${UID}"' in run and '--context-id "${MODEL_CONTEXT_ID}"' in run
+    assert re.search(r'^ARG MODEL_CONTEXT_ID=""$', DOCKERFILE.read_text(), re.M)
 
 
 def test_cuda_base_matches_the_pinned_torch():

@@ -74,6 +74,12 @@ def embedded_model_dir() -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     plain.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
+    # safetensors writes model.safetensors 0600 (through a temporary file); give every file the
+    # umask's mode, as the tokenizer's have, so another user can read a copy (the image's UID).
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in partial.iterdir():
+        path.chmod(0o666 & ~umask)
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
     return target
