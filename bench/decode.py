@@ -8,7 +8,7 @@ writes them; see train_14b.py), loads it the way `onegpu serve` does (Marlin ker
 24 GiB), and times three things in one run on one GPU:
   - bandwidth: a large device-to-device copy (bytes read + written per second);
   - onegpu: the serving engine (`Engine.generate`, logprobs and stop checks included), one
-    request alone, then one per KV row decoding together (aggregate tokens/s);
+    request alone, then 1, 2, 4, 8, 16 requests decoding together (aggregate tokens/s);
   - baseline: transformers `generate()`, greedy, one request, same model: what 2023 entries ran.
 Decode tokens/s excludes the prefill and first token. bound = bandwidth / bytes read per token
 (all weights except the embedding table, plus the KV cache of the context). Prints a table last and
@@ -85,14 +85,14 @@ def time_engine(engine, prompt: str, new_tokens: int) -> dict:
     }
 
 
-def time_batch(engine, prompt: str, new_tokens: int) -> dict:
-    """Every KV row decoding at once: aggregate tokens/s over the decode steps."""
+def time_batch(engine, prompt: str, rows: int, new_tokens: int) -> dict:
+    """`rows` requests decoding together: aggregate tokens/s over decode-only steps."""
     from concurrent.futures import Future
 
     from onegpu.engine.types import GenerationRequest
 
     futures = []
-    for i in range(engine.cache.slots):
+    for i in range(rows):
         request = GenerationRequest(
             prompt=f"{i} {prompt}",
             max_new_tokens=new_tokens,
@@ -103,18 +103,20 @@ def time_batch(engine, prompt: str, new_tokens: int) -> dict:
         future.set_running_or_notify_cancel()
         engine.admit(request, future)
         futures.append(future)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    steps = 0
-    while engine.running:
+    scheduler = engine.scheduler
+    # Prefill first (packed); time only steps where every row decodes.
+    while len(scheduler.running) < rows or any(s.prefilling for s in scheduler.running):
         engine.step()
-        steps += 1
+    torch.cuda.synchronize()
+    steps = new_tokens // 2
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return {
-        "rows": len(futures),
-        "step_ms": 1e3 * seconds / steps,
-        "decode_tok_s": len(futures) * steps / seconds,
-    }
+    while engine.busy:
+        engine.step()
+    return {"rows": rows, "step_ms": 1e3 * seconds / steps, "decode_tok_s": rows * steps / seconds}
 
 
 def time_baseline(engine, prompt: str, new_tokens: int) -> dict:
@@ -138,6 +140,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompt-lengths", default="128,1500")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batches", default="1,2,4,8,16", help="rows decoding together")
+    parser.add_argument("--no-baseline", action="store_true", help="skip transformers generate()")
     parser.add_argument("--gpu-memory-gib", type=float, default=24.0)
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     args = parser.parse_args()
@@ -172,8 +176,14 @@ def main() -> int:
         for length in (int(x) for x in args.prompt_lengths.split(",")):
             prompt = prompt_of(engine.tokenizer, length, seed=length)
             ours = time_engine(engine, prompt, args.new_tokens)
-            batch = time_batch(engine, prompt, args.new_tokens)
-            base = time_baseline(engine, prompt, args.new_tokens)
+            batches = [
+                time_batch(engine, prompt, int(n), args.new_tokens) for n in args.batches.split(",")
+            ]
+            base = (
+                {"decode_tok_s": float("nan")}
+                if args.no_baseline
+                else time_baseline(engine, prompt, args.new_tokens)
+            )
             per_token = result["weight_bytes"] + kv_bytes(QWEN_14B, ours["prompt_tokens"])
             bound = bandwidth / per_token
             rows.append(
@@ -181,7 +191,7 @@ def main() -> int:
                     "prompt_tokens": ours["prompt_tokens"],
                     "bound_tok_s": bound,
                     "onegpu": ours,
-                    "onegpu_all_rows": batch,
+                    "onegpu_batches": batches,
                     "baseline_generate": base,
                     "onegpu_of_bound": ours["decode_tok_s"] / bound,
                     "baseline_of_bound": base["decode_tok_s"] / bound,
@@ -199,14 +209,22 @@ def main() -> int:
     )
     print(
         f"{'prompt':>7} {'bound':>7} {'onegpu':>7} {'of bound':>8} "
-        f"{'generate':>8} {'of bound':>8} {'ratio':>6} {'rows':>4} {'all rows':>8}"
+        f"{'generate':>8} {'of bound':>8} {'ratio':>6}"
     )
     for r in rows:
         print(
             f"{r['prompt_tokens']:>7} {r['bound_tok_s']:>7.1f} {r['onegpu']['decode_tok_s']:>7.1f} "
             f"{r['onegpu_of_bound']:>8.2f} {r['baseline_generate']['decode_tok_s']:>8.1f} "
-            f"{r['baseline_of_bound']:>8.2f} {r['onegpu_over_baseline']:>6.2f} "
-            f"{r['onegpu_all_rows']['rows']:>4} {r['onegpu_all_rows']['decode_tok_s']:>8.1f}"
+            f"{r['baseline_of_bound']:>8.2f} {r['onegpu_over_baseline']:>6.2f}"
+        )
+        one = r["onegpu_batches"][0]["decode_tok_s"]
+        print(
+            "  rows together: "
+            + ", ".join(
+                f"{b['rows']}: {b['decode_tok_s']:.0f} tok/s ({b['decode_tok_s'] / one:.1f}x, "
+                f"{b['step_ms']:.1f} ms/step)"
+                for b in r["onegpu_batches"]
+            )
         )
     return 0
 

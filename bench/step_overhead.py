@@ -51,7 +51,8 @@ def main() -> int:
     with torch.device(device):
         model = Qwen2ForCausalLM(config).to(dtype).eval()
     info = ModelInfo("probe", str(device), str(dtype), 2048, len(tokenizer))
-    engine = Engine(model, tokenizer, info=info, default_stop=())
+    # Four full contexts of KV blocks: memory is not what this measures.
+    engine = Engine(model, tokenizer, info=info, num_blocks=4 * 2048 // 16 + 1, default_stop=())
     prompt = "The quick brown fox jumps over the lazy dog. " * 12
     n = args.new_tokens
     request = GenerationRequest(prompt=prompt, max_new_tokens=n, min_new_tokens=n, temperature=0)

@@ -13,6 +13,7 @@ engine admit fewer requests at once for a while.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import threading
 import time
@@ -100,7 +101,9 @@ class Engine:
             prefix_cache=prefix_cache,
         )
         if triton is None:
-            triton = self.device.type == "cuda"
+            triton = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
+            if self.device.type == "cuda" and not triton:
+                log.warning("triton is not installed: attention gathers blocks (slower)")
         self.forward = Forward(
             model,
             self.cache,

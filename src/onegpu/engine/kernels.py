@@ -56,7 +56,7 @@ def _decode_split(
     acc = tl.zeros([DP], tl.float32)
     for i in range(0, blocks):
         index = first + i
-        block = tl.load(TABLES + row * stride_tb + index)
+        block = tl.load(TABLES + row * stride_tb + index).to(tl.int64)  # big pools: 64-bit
         kv = block * stride_kb + offsets[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
         k = tl.load(K + kv, mask=dim_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK, DP]
         v = tl.load(V + kv, mask=dim_ok[None, :], other=0.0).to(tl.float32)
@@ -152,7 +152,7 @@ def _prefill(
     total = tl.zeros([TILE], tl.float32)
     acc = tl.zeros([TILE, DP], tl.float32)
     for index in range(0, last // BLOCK + 1):
-        block = tl.load(TABLES + seq * stride_tb + index)
+        block = tl.load(TABLES + seq * stride_tb + index).to(tl.int64)
         kv = block * stride_kb + offsets[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
         k = tl.load(K + kv, mask=dim_ok[None, :], other=0.0)  # [BLOCK, DP]
         v = tl.load(V + kv, mask=dim_ok[None, :], other=0.0)
