@@ -3,7 +3,8 @@
 #
 #   bash bench/device_run.sh tests    # CUDA tests of the engine (tiny models, kernels, graphs)
 #   bash bench/device_run.sh mix      # helm_mix: this tree, then the tree in .old/src (before)
-#   bash bench/device_run.sh speed    # generate() baselines, decode.py, a load test
+#   bash bench/device_run.sh speed    # generate() baselines, decode.py
+#   bash bench/device_run.sh variants # helm_mix with the defaults, --prefill-chunk 2048, int8 KV
 #   bash bench/device_run.sh tests mix
 #
 # Needs .whl (see scripts/device-setup) and, for `mix`, .old/src (git archive OLD src | tar -x
@@ -37,12 +38,12 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log, say how it
 # Marlin's JIT build (about 200 s on a fresh machine) runs in the background from the start, so
 # the CUDA tests and the checkpoint build overlap with it; `wait_marlin` joins it.
 MARLIN="import gptqmodel.extension as e; e.load('marlin_fp16')"
-(timeout 400 python3 -c "$MARLIN" >"$OUT/marlin.log" 2>&1; echo "marlin rc=$?" >>"$OUT/marlin.log") &
+(timeout 400 python3 -c "$MARLIN" >/tmp/marlin.log 2>&1; echo "marlin rc=$?" >>/tmp/marlin.log) &
 MARLIN_PID=$!
 wait_marlin() {
     local start=$SECONDS
     wait "$MARLIN_PID" 2>/dev/null
-    echo "=== marlin: $(tail -1 "$OUT/marlin.log") (waited $((SECONDS - start))s, at $((SECONDS - t0))s)" | tee -a "$LOG"
+    echo "=== marlin: $(tail -1 /tmp/marlin.log) (waited $((SECONDS - start))s, at $((SECONDS - t0))s)" | tee -a "$LOG"
     # Keep the build for the next call when it is small enough to carry back (<= 45 MB).
     if [ "$(du -sm "$GPTQMODEL_TORCH_EXTENSIONS_DIR" | cut -f1)" -le 200 ] && [ ! -e "$OUT/marlin.tgz.00" ]; then
         tar -C "$GPTQMODEL_TORCH_EXTENSIONS_DIR" -czf /tmp/marlin.tgz . &&
@@ -61,7 +62,7 @@ folder = Path('$CKPT/gptq8-qwen14b')
 for phase in "$@"; do
     case $phase in
     tests)
-        step cuda-tests 200 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider
+        step cuda-tests 150 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider
         ;;
     mix)
         step checkpoint 120 python3 -c "$CHECKPOINT"
@@ -70,6 +71,18 @@ for phase in "$@"; do
             --checkpoint "$CKPT" --out "$OUT"
         step mix-before 200 env PYTHONPATH=".old/src:$PYTHONPATH" python3 bench/helm_mix.py \
             --label before --baseline-samples 0 --checkpoint "$CKPT" --out "$OUT"
+        ;;
+    variants)
+        step checkpoint 120 python3 -c "$CHECKPOINT"
+        wait_marlin
+        step mix-default 120 python3 bench/helm_mix.py --label default --baseline-samples 0 \
+            --checkpoint "$CKPT" --out "$OUT"
+        step mix-chunk2048 90 python3 bench/helm_mix.py --label chunk2048 --orders helm \
+            --baseline-samples 0 --engine-args '{"prefill_chunk": 2048}' --checkpoint "$CKPT" \
+            --out "$OUT"
+        step mix-int8 90 python3 bench/helm_mix.py --label int8 --orders interleaved \
+            --baseline-samples 0 --engine-args '{"kv_cache_dtype": "int8"}' \
+            --checkpoint "$CKPT" --out "$OUT"
         ;;
     speed)
         step checkpoint 120 python3 -c "$CHECKPOINT"

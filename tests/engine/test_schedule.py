@@ -255,3 +255,26 @@ def test_blocks_filled_while_decoding_are_published():
     s.add(b)
     s.plan()
     assert b.reused == 8 and b.table[:2] == a.table[:2]
+
+
+def test_small_requests_pass_one_that_does_not_fit_but_only_so_often(monkeypatch):
+    monkeypatch.setattr("onegpu.engine.schedule.MAX_OVERTAKEN", 2)
+    s = scheduler(10)  # 9 usable blocks
+    first = seq(1, [1] * 16)  # 4 blocks
+    s.add(first)
+    s.plan()
+    big = seq(2, [2] * 20)  # 5 blocks + 1 for `first` to grow into: 6 > 5 left
+    small = [seq(3 + i, [3 + i] * 3) for i in range(3)]  # 1 block each
+    for item in (big, *small):
+        s.add(item)
+    s.plan()
+    # Both small ones that fit started ahead of the big one, each overtaking it once.
+    assert s.running == [first, small[0], small[1]] and list(s.waiting) == [big, small[2]]
+    assert big.overtaken == 2
+    s.remove(small[0])  # room for small[2] now, but the big one has been passed often enough
+    s.plan()
+    assert list(s.waiting) == [big, small[2]]
+    s.remove(first)
+    s.remove(small[1])
+    s.plan()
+    assert s.running == [big, small[2]] and not s.waiting

@@ -124,7 +124,7 @@ def _prefill(
     stride_tb,
     stride_ot, stride_oh,
     GROUP: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-    TILE: tl.constexpr, QUANT: tl.constexpr,
+    TILE: tl.constexpr, QUANT: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -160,14 +160,14 @@ def _prefill(
             at = block * stride_sb + offsets * stride_st + kv_head * stride_sh
             k = (k.to(tl.float32) * tl.load(KS + at)[:, None]).to(Q.dtype.element_ty)
             v = (v.to(tl.float32) * tl.load(VS + at)[:, None]).to(Q.dtype.element_ty)
-        scores = tl.dot(q, tl.trans(k))  # [TILE, BLOCK] fp32
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [TILE, BLOCK] fp32
         visible = (index * BLOCK + offsets)[None, :] <= positions[:, None]
         scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(scores - m_new[:, None])
         total = total * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     out = acc / total[:, None]
     tl.store(
@@ -255,5 +255,7 @@ def prefill(
         out.stride(0), out.stride(1),
         GROUP=q_heads // kv_heads, BLOCK=block_size, D=dim, DP=dp,
         TILE=tile, QUANT=layer.quantized,
+        # float32 models get float32 products (tl.dot would use TF32 on Ampere and newer).
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )  # fmt: skip
     return out

@@ -11,7 +11,9 @@ The rules, in order, each step:
    blocks for the part of the prompt that is not cached, plus one block for each running
    sequence to grow into. A sequence whose next prompt block is being computed by another
    request right now waits for it (one step or two) instead of computing it a second time.
-   The first one that does not fit stops admission, so a long prompt is not starved.
+   One that does not fit lets later, smaller ones pass (a multiple-choice request whose
+   few-shot prefix is cached needs a few blocks and is done in one step), but only
+   `MAX_OVERTAKEN` times: after that nobody passes it, so a long prompt is not starved.
 3. Prefill: prompts still being prefilled take up to `prefill_chunk` tokens together, oldest
    first; the last one taken may get only a part (chunked prefill), the rest next step.
 4. Decode: every sequence past its prompt feeds one token.
@@ -25,6 +27,9 @@ from dataclasses import dataclass, field
 
 from onegpu.engine.blocks import BlockPool, OutOfBlocks, block_hashes
 from onegpu.engine.sequence import Sequence
+
+# How many later requests may start before a waiting one that does not fit in memory.
+MAX_OVERTAKEN = 32
 
 
 @dataclass
@@ -124,16 +129,21 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _admit(self) -> None:
-        skipped: list[Sequence] = []
+        kept: list[Sequence] = []  # still waiting, in arrival order
+        blocked: list[Sequence] = []  # waiting for memory, overtaken by what starts after them
         while self.waiting and len(self.running) < self.max_running:
             seq = self.waiting.popleft()
             outcome = self._try_admit(seq)
-            if outcome == "wait":
-                skipped.append(seq)
-            elif outcome == "full":
-                self.waiting.appendleft(seq)
-                break
-        self.waiting.extendleft(reversed(skipped))
+            if outcome == "ok":
+                for ahead in blocked:
+                    ahead.overtaken += 1
+                continue
+            kept.append(seq)
+            if outcome == "full":
+                blocked.append(seq)
+                if seq.overtaken >= MAX_OVERTAKEN:
+                    break  # its turn: nothing behind it starts before it does
+        self.waiting.extendleft(reversed(kept))
 
     def _try_admit(self, seq: Sequence) -> str:
         """ "ok" (admitted), "wait" (its prefix is being computed) or "full" (no memory)."""

@@ -56,6 +56,7 @@ class Sequence:
     names: list[bytes] = field(default_factory=list)
     published: int = 0
     admitted: bool = False
+    overtaken: int = 0  # later requests admitted while it waited for memory
     preemptions: int = 0
     reused: int = 0
     # What it produced.
