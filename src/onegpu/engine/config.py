@@ -26,5 +26,8 @@ class EngineConfig:
     cuda_graphs: bool = True
     kv_cache_dtype: str = "auto"
     block_size: int = 16
-    prefill_chunk: int = 512
+    # Measured on an H200 with a 14B-shaped model: the 1-token multiple-choice scenarios ran
+    # 1.2x faster than with 512 (fewer passes, each fuller), at the price of decode steps
+    # waiting for up to 2,048 prompt tokens.
+    prefill_chunk: int = 2048
     prefix_cache: bool = True

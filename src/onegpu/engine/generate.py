@@ -24,6 +24,7 @@ from functools import lru_cache
 import torch
 
 from onegpu.engine.blocks import BlockPool
+from onegpu.engine.config import EngineConfig
 from onegpu.engine.detokenize import IncrementalDetokenizer, token_pieces
 from onegpu.engine.forward import Chunk, Forward, Row
 from onegpu.engine.kvcache import PagedKVCache
@@ -45,6 +46,8 @@ from onegpu.engine.types import (
 )
 
 log = logging.getLogger(__name__)
+
+DEFAULTS = EngineConfig()  # the engine's keyword defaults are the configuration's
 
 # Requests answered without an out-of-memory before the engine admits one more at once again.
 _RECOVER_AFTER = 50
@@ -69,13 +72,13 @@ class Engine:
         *,
         info: ModelInfo,
         num_blocks: int,
-        block_size: int = 16,
-        max_batch: int = 32,
-        prefill_chunk: int = 512,
-        default_stop: Sequence[str] = ("\n\n",),
-        cuda_graphs: bool = True,
-        prefix_cache: bool = True,
-        kv_dtype: str = "auto",
+        block_size: int = DEFAULTS.block_size,
+        max_batch: int = DEFAULTS.max_batch,
+        prefill_chunk: int = DEFAULTS.prefill_chunk,
+        default_stop: Sequence[str] = DEFAULTS.default_stop,
+        cuda_graphs: bool = DEFAULTS.cuda_graphs,
+        prefix_cache: bool = DEFAULTS.prefix_cache,
+        kv_dtype: str = DEFAULTS.kv_cache_dtype,
         triton: bool | None = None,
     ) -> None:
         self.model = model

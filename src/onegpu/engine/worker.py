@@ -39,7 +39,7 @@ class EngineWorker:
     instead of letting memory grow.
     """
 
-    def __init__(self, engine, *, max_queue: int = 256) -> None:
+    def __init__(self, engine, *, max_queue: int) -> None:
         self.engine = engine
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._closed = False
