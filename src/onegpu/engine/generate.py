@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from functools import lru_cache
 
 import torch
 
@@ -33,6 +31,7 @@ from onegpu.engine.scoring import choose, echo_tokens, prompt_scores, score
 from onegpu.engine.sequence import Scored
 from onegpu.engine.sequence import Sequence as Running
 from onegpu.engine.stopping import StopMatcher
+from onegpu.engine.text import Text
 from onegpu.engine.types import (
     Completion,
     ContextWindowError,
@@ -93,8 +92,7 @@ class Engine:
                 f"{num_blocks} blocks of {block_size} cannot hold one {info.max_context}-token "
                 "context (plus the null block)"
             )
-        self._tokenizer_lock = threading.Lock()
-        self._token_text = lru_cache(maxsize=65536)(self._decode_one)
+        self.text = Text(tokenizer, info.vocab_size)
         self.cache = PagedKVCache(num_blocks, block_size, kv_dtype=kv_dtype)
         self.pool = BlockPool(num_blocks, block_size)
         self.scheduler = Scheduler(
@@ -122,43 +120,17 @@ class Engine:
         self.peak_running = 0
         self.fatal: EngineFatalError | None = None
 
-    # -- text <-> ids ---------------------------------------------------------------------------
+    # -- text <-> ids (the server calls these from its threads) ------------------------------
 
     def tokenize(
         self, text: str, *, truncation: bool = False, max_length: int | None = None
     ) -> list[int]:
         """The ids the model sees for `text` (those `generate` uses), optionally truncated."""
-        with self._tokenizer_lock:
-            ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
-        if truncation and max_length is not None:
-            ids = ids[:max_length]
-        return ids
+        return self.text.encode(text, truncation=truncation, max_length=max_length)
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """Text for `ids`; raises InvalidRequestError for ids outside the vocabulary."""
-        vocab = self.info.vocab_size
-        bad = [i for i in ids if not 0 <= i < vocab]
-        if bad:
-            raise InvalidRequestError(
-                f"token ids must be in [0, {vocab}); got {bad[:5]}"
-                + (" ..." if len(bad) > 5 else "")
-            )
-        return self._decode(ids, skip_special_tokens=skip_special_tokens)
-
-    def _decode(self, ids: Sequence[int], *, skip_special_tokens: bool) -> str:
-        with self._tokenizer_lock:
-            return self.tokenizer.decode(
-                list(ids),
-                skip_special_tokens=skip_special_tokens,
-                clean_up_tokenization_spaces=False,
-            )
-
-    def _decode_raw(self, ids: Sequence[int]) -> str:
-        # Generated ids need no range check: the model's vocabulary bounds them.
-        return self._decode(ids, skip_special_tokens=False)
-
-    def _decode_one(self, token_id: int) -> str:
-        return self._decode_raw([token_id])
+        return self.text.decode(ids, skip_special_tokens=skip_special_tokens)
 
     # -- scheduling -----------------------------------------------------------------------------
 
@@ -361,14 +333,14 @@ class Engine:
             request=request,
             prompt_ids=prompt_ids,
             stops=stops,
-            detok=IncrementalDetokenizer(self._decode_raw, context_ids=prompt_ids),
+            detok=IncrementalDetokenizer(self.text.raw, context_ids=prompt_ids),
             eos_ids=self.eos_ids,
             generator=generator,
             future=future,
             cancelled=cancelled,
             started=time.perf_counter(),
             # A prompt that encodes to nothing still needs one position to predict from.
-            ids=list(prompt_ids or [self._start_token()]),
+            ids=list(prompt_ids or [self.text.start_token()]),
         )
 
     def _run_prefill(self, work: list[tuple[Running, int]]) -> None:
@@ -389,7 +361,7 @@ class Engine:
         for (seq, count), chunk, logits in zip(work, chunks, outputs, strict=True):
             if seq.echo and not seq.scored and logits is not None:
                 k = seq.request.top_k_per_token
-                scores = prompt_scores(seq.prompt_ids, chunk.start, logits, k, self._token_text)
+                scores = prompt_scores(seq.prompt_ids, chunk.start, logits, k, self.text.piece)
                 seq.prompt_scores += scores
             self.scheduler.computed(seq, count)
             if seq.computed == seq.target and not seq.scored:
@@ -397,7 +369,7 @@ class Engine:
         ready = []
         for seq, logits in finished:
             if seq.echo:
-                pieces = token_pieces(self._decode_raw, seq.prompt_ids)
+                pieces = token_pieces(self.text.raw, seq.prompt_ids)
                 seq.echoed = echo_tokens(pieces, seq.prompt_scores)
             if seq.request.max_new_tokens == 0:
                 seq.finish_reason = "prompt_only" if seq.echo else "length"
@@ -418,7 +390,7 @@ class Engine:
         """Choose, score and record the next token of each of `seqs` from its logits [n, V]."""
         chosen = choose(logits, seqs)  # [n] on the device
         k = max(seq.request.top_k_per_token for seq in seqs)
-        scored: list[Scored] = score(logits, chosen, k, self._token_text)
+        scored: list[Scored] = score(logits, chosen, k, self.text.piece)
         now = time.perf_counter()
         for seq, item in zip(seqs, scored, strict=True):
             if seq.first_token_at is None:
@@ -426,12 +398,6 @@ class Engine:
             seq.record(item.token_id, item)
             if seq.done:
                 self._release(seq, seq.finish())
-
-    def _start_token(self) -> int:
-        for candidate in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id):
-            if candidate is not None:
-                return int(candidate)
-        return 0
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer) -> frozenset[int]:

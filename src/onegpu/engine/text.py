@@ -1,0 +1,66 @@
+"""Text <-> token ids for the engine: the tokenizer behind one lock, every id it reports exact.
+
+`encode` is what `/tokenize` answers and what `/process` feeds the model; `decode` checks the
+ids a client sends; `raw` and `piece` turn generated ids (bounded by the vocabulary already)
+into text, special tokens kept, for incremental detokenizing and top-logprob keys.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from functools import lru_cache
+
+from onegpu.engine.types import InvalidRequestError
+
+
+class Text:
+    """One tokenizer shared by the engine thread and the server's threads."""
+
+    def __init__(self, tokenizer, vocab_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._lock = threading.Lock()
+        self.piece = lru_cache(maxsize=65536)(self._piece)
+
+    def encode(
+        self, text: str, *, truncation: bool = False, max_length: int | None = None
+    ) -> list[int]:
+        """The ids the model sees for `text`, optionally truncated to `max_length`."""
+        with self._lock:
+            ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        if truncation and max_length is not None:
+            ids = ids[:max_length]
+        return ids
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        """Text for `ids`; raises InvalidRequestError for ids outside the vocabulary."""
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"token ids must be in [0, {self.vocab_size}); got {bad[:5]}"
+                + (" ..." if len(bad) > 5 else "")
+            )
+        return self._decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def raw(self, ids: Sequence[int]) -> str:
+        """Text for generated ids, special tokens kept (no range check: the model bounds them)."""
+        return self._decode(ids, skip_special_tokens=False)
+
+    def start_token(self) -> int:
+        """What an empty prompt feeds the model: the BOS token, else EOS, else 0."""
+        for candidate in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    def _piece(self, token_id: int) -> str:
+        return self.raw([token_id])
+
+    def _decode(self, ids: Sequence[int], *, skip_special_tokens: bool) -> str:
+        with self._lock:
+            return self.tokenizer.decode(
+                list(ids),
+                skip_special_tokens=skip_special_tokens,
+                clean_up_tokenization_spaces=False,
+            )
