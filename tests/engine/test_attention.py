@@ -17,7 +17,7 @@ from onegpu.engine.attention import (
     prefill_tiles,
 )
 from onegpu.engine.forward import batch_buckets, bucket_of
-from onegpu.engine.kvcache import PagedKVCache
+from onegpu.engine.kvcache import PagedKVCache, slot_of
 from tests.conftest import DEVICES
 
 needs_triton = pytest.mark.skipif(
@@ -165,6 +165,14 @@ def test_triton_kernels_equal_the_reference(device, kv_dtype, dim):
         q, layer, p.tables, p.query_start, p.lengths, p.tiles, 0.2, tile=PREFILL_TILE
     )
     torch.testing.assert_close(got, prefill_reference(q, layer, p, 0.2), **tol)
+
+
+@pytest.mark.parametrize(
+    ("table", "position", "slot"),
+    [([7], 0, 112), ([7], 15, 127), ([7, 3], 16, 48), ([7, 3], 20, 52), ([5, 9, 2], 47, 47)],
+)
+def test_a_position_lives_in_its_blocks_slot(table, position, slot):
+    assert slot_of(table, position, BLOCK) == slot
 
 
 @pytest.mark.parametrize(

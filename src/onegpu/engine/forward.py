@@ -21,7 +21,7 @@ import torch
 
 from onegpu.engine.attention import Pass, install, prefill_tiles
 from onegpu.engine.blocks import NULL_BLOCK
-from onegpu.engine.kvcache import PagedKVCache
+from onegpu.engine.kvcache import PagedKVCache, slot_of
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class Forward:
             ids += chunk.tokens
             span = range(chunk.start, chunk.start + count)
             positions += span
-            slots += [chunk.table[p // block] * block + p % block for p in span]
+            slots += [slot_of(chunk.table, p, block) for p in span]
             starts.append(offset + count)
             if chunk.logits == "last":
                 keep.append(offset + count - 1)
@@ -123,9 +123,7 @@ class Forward:
                 keep += range(offset, offset + count)
         lengths = [chunk.start + len(chunk.tokens) for chunk in chunks]
         device = self.device
-        tables = torch.zeros(len(chunks), self.width, dtype=torch.int32)
-        for i, chunk in enumerate(chunks):
-            tables[i, : len(chunk.table)] = torch.tensor(chunk.table, dtype=torch.int32)
+        tables = torch.tensor([self._padded(c.table) for c in chunks], dtype=torch.int32)
         tiles = prefill_tiles([len(c.tokens) for c in chunks]) if self.triton else []
         batch = Pass(
             cache=self.cache,
@@ -165,14 +163,18 @@ class Forward:
         if self.graphs and size not in self._graphs:
             self._capture(size)  # before staging: capturing runs on (and clears) the buffers
         block = self.cache.block_size
-        pad = [0] * self.width
-        data = []
-        for row in rows:
-            slot = row.table[row.position // block] * block + row.position % block
-            table = row.table + pad[len(row.table) :]
-            data.append([row.token, row.position, slot, row.position + 1, *table])
+        data = [
+            [
+                row.token,
+                row.position,
+                slot_of(row.table, row.position, block),
+                row.position + 1,
+                *self._padded(row.table),
+            ]
+            for row in rows
+        ]
         # Padding rows: token 0 at position 0, length 0, written to the null block.
-        data += [[0, 0, NULL_BLOCK * block, 0, *pad]] * (size - count)
+        data += [[0, 0, NULL_BLOCK * block, 0, *self._padded([])]] * (size - count)
         host = torch.tensor(data, dtype=torch.int64)
         staged = self._staged[:size]
         staged.copy_(host, non_blocking=True)
@@ -187,6 +189,10 @@ class Forward:
             return logits[:count]
         lengths = [row.position + 1 for row in rows]
         return self._decode_pass(size, host_lengths=lengths, keys=[row.key for row in rows])
+
+    def _padded(self, table: list[int]) -> list[int]:
+        """A block table as a row of the `width`-column table tensor (null blocks after it)."""
+        return table + [NULL_BLOCK] * (self.width - len(table))
 
     def capture_all(self) -> None:
         """Capture the decode graph of every batch bucket now (largest first: one memory pool)."""

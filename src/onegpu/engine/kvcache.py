@@ -32,6 +32,11 @@ class Layer:
         return self.key_scales is not None
 
 
+def slot_of(table: list[int], position: int, block_size: int) -> int:
+    """Where `position` of the sequence with block table `table` lives in a flattened pool."""
+    return table[position // block_size] * block_size + position % block_size
+
+
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 over the last dim: (codes like x, scales [..., ] float32)."""
     scales = x.float().abs().amax(dim=-1).clamp_min(1e-8) / 127.0

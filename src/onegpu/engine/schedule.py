@@ -152,7 +152,9 @@ class Scheduler:
         names: list[bytes] = []
         cached: tuple[int, ...] = ()
         if self.prefix_cache and not seq.echo:
-            names = block_hashes(seq.ids[:target], size)
+            names = seq.names
+            if len(names) != target // size:  # named once while it waits, again after eviction
+                names = seq.names = block_hashes(seq.ids[:target], size)
             # At least the last position is recomputed: the first new token needs its logits.
             match = self.pool.match(names[: (target - 1) // size])
             if match.in_flight:
