@@ -100,6 +100,11 @@ class ServeSettings(JobSettings):
     cuda_graphs: bool = Field(
         ENGINE.cuda_graphs, description="replay the decode step from CUDA graphs (off: eager)"
     )
+    fuse: bool = Field(
+        ENGINE.fuse,
+        description="one GEMM for q/k/v and one for gate/up (Llama and Qwen2 layouts, "
+        "not with --adapter); on CUDA, one Triton kernel each for norms, rotary and SiLU",
+    )
     kv_cache_dtype: KvCacheDtype = Field(
         ENGINE.kv_cache_dtype,
         description="auto keeps keys and values in the model's dtype; int8 stores about twice "

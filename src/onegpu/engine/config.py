@@ -24,6 +24,7 @@ class EngineConfig:
     trust_remote_code: bool = False
     max_batch: int = 32
     cuda_graphs: bool = True
+    fuse: bool = True
     kv_cache_dtype: str = "auto"
     block_size: int = 16
     # Measured on an H200 with a 14B-shaped model: the 1-token multiple-choice scenarios ran

@@ -1,6 +1,7 @@
 """Loading a model for serving: a local folder or a hub id, plain or 8-bit GPTQ, with an adapter.
 
-Every GPTQ and peft call made at serving time is in this module.
+Every GPTQ and peft call made at serving time is in this module, except the re-packing of fused
+projections (`fusion.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from onegpu.device import cap_gpu_memory, resolve_device, resolve_dtype
 from onegpu.engine.config import EngineConfig
 from onegpu.engine.embedded import EMBEDDED_NAME, embedded_model_dir
+from onegpu.engine.fusion import fuse
 from onegpu.engine.generate import Engine
 from onegpu.engine.kvcache import bytes_per_token
 from onegpu.engine.types import ModelInfo
@@ -109,6 +111,9 @@ def load_engine(config: EngineConfig) -> Engine:
         raise ModelLoadError(f"cannot load model {name!r}: {exc}") from exc
     if config.adapter:
         model = _load_adapter(model, config.adapter)
+    elif config.fuse:
+        # GPTQ layers are joined from the checkpoint's packed tensors (a local folder).
+        fuse(model, checkpoint=Path(source) if quantization else None)
     model.eval()
 
     max_context = config.max_context

@@ -1,0 +1,363 @@
+"""Fewer, larger kernels per token: the loaded decoder rewired for inference.
+
+- q/k/v become one `qkv_proj` GEMM and gate/up one `gate_up_proj` GEMM. A plain Linear gets the
+  concatenated weights. An 8-bit GPTQ layer gets the checkpoint's packed tensors (qweight,
+  scales, qzeros, bias) concatenated along output features, then its kernel's own set-up (the
+  Marlin repack): exact, since the parts share the input width, group size and `g_idx`.
+- On CUDA, Liger's Triton kernels replace the eager element-wise chains: RMSNorm, residual-add +
+  RMSNorm, rotary embedding and SiLU-and-multiply are one kernel each instead of 4 to 10.
+
+Only the layouts whose forward is known here are touched (Llama and Qwen2); anything else runs as
+loaded. Projections wrapped by an adapter (peft LoRA) are not fused, nor GPTQ parts whose `g_idx`
+differ (act-order checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from types import MethodType
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+FUSABLE_TYPES = ("llama", "qwen2")
+GPTQ_FIELDS = ("qweight", "scales", "qzeros", "g_idx")
+
+
+@dataclass(frozen=True, slots=True)
+class Fusion:
+    """What `fuse` changed: the layers rewired, the GEMMs saved per token, the element-wise ops."""
+
+    layers: int
+    gemms_saved: int
+    kernels: str  # "liger" or "torch"
+
+
+# -- element-wise ops: the model's own arithmetic, or one Triton kernel each ----------------------
+
+
+class TorchOps:
+    """The eager arithmetic transformers runs (the CPU path, and the reference in tests)."""
+
+    name = "torch"
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+        return norm(x)
+
+    @staticmethod
+    def add_rms_norm(x, residual, norm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x)."""
+        total = residual + x
+        return norm(total), total
+
+    @staticmethod
+    def rope(q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        return apply_rotary_pos_emb(q, k, cos, sin)
+
+    @staticmethod
+    def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class LigerOps:
+    """Liger's Triton kernels (CUDA): same arithmetic and casts ("llama" casting), one launch."""
+
+    name = "liger"
+
+    @staticmethod
+    def rms_norm(x, norm):
+        from liger_kernel.ops.rms_norm import rms_norm_forward
+
+        return rms_norm_forward(x, norm.weight, norm.variance_epsilon, 0.0, "llama", None)[0]
+
+    @staticmethod
+    def add_rms_norm(x, residual, norm):
+        from liger_kernel.ops.fused_add_rms_norm import fused_add_rms_norm_forward
+
+        out, total = fused_add_rms_norm_forward(
+            x, residual, norm.weight, norm.variance_epsilon, 0.0, "llama"
+        )[:2]
+        return out, total
+
+    @staticmethod
+    def rope(q, k, cos, sin):
+        from liger_kernel.ops.rope import rope_forward
+
+        return rope_forward(q, k, cos, sin)[:2]
+
+    @staticmethod
+    def silu_mul(gate_up):
+        from liger_kernel.ops.swiglu import swiglu_fused_gate_up_forward
+
+        return swiglu_fused_gate_up_forward(gate_up)[1]
+
+
+def pick_ops(device: torch.device) -> type[TorchOps] | type[LigerOps]:
+    """Liger's kernels on CUDA when installed, else the eager arithmetic."""
+    if device.type != "cuda":
+        return TorchOps
+    try:
+        import liger_kernel.ops.rms_norm  # noqa: F401
+    except ImportError:
+        log.warning("liger-kernel is not installed: norms and rotary run as eager ops")
+        return TorchOps
+    return LigerOps
+
+
+# -- the fused forwards, bound to each layer's modules ---------------------------------------------
+
+
+def _layer_forward(
+    self,
+    hidden_states,
+    attention_mask=None,
+    position_ids=None,
+    past_key_values=None,
+    use_cache=False,
+    position_embeddings=None,
+    **kwargs,
+):
+    ops = self.onegpu_ops
+    attn, _ = self.self_attn(
+        hidden_states=ops.rms_norm(hidden_states, self.input_layernorm),
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        use_cache=use_cache,
+        position_embeddings=position_embeddings,
+        **kwargs,
+    )
+    hidden, residual = ops.add_rms_norm(attn, hidden_states, self.post_attention_layernorm)
+    return residual + self.mlp(hidden)
+
+
+def _attention_forward(
+    self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs
+):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    shape = hidden_states.shape[:-1]
+    q, k, v = self.qkv_proj(hidden_states).split(self.onegpu_qkv_sizes, dim=-1)
+    q = q.view(*shape, -1, self.head_dim).transpose(1, 2)
+    k = k.view(*shape, -1, self.head_dim).transpose(1, 2)
+    v = v.view(*shape, -1, self.head_dim).transpose(1, 2)
+    q, k = self.onegpu_ops.rope(q, k, *position_embeddings)
+    if past_key_values is not None:
+        k, v = past_key_values.update(k, v, self.layer_idx)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+        self.config._attn_implementation, eager_attention_forward
+    )
+    window = getattr(self, "sliding_window", None)
+    out, weights = interface(
+        self,
+        q,
+        k,
+        v,
+        attention_mask,
+        dropout=0.0,
+        scaling=self.scaling,
+        **({"sliding_window": window} if window else {}),
+        **kwargs,
+    )
+    return self.o_proj(out.reshape(*shape, -1).contiguous()), weights
+
+
+def _mlp_forward(self, x):
+    return self.down_proj(self.onegpu_ops.silu_mul(self.gate_up_proj(x)))
+
+
+# -- fusing projections ---------------------------------------------------------------------------
+
+
+class CheckpointTensors:
+    """Named tensors of a local safetensors checkpoint (one file, or sharded with an index)."""
+
+    def __init__(self, folder: Path) -> None:
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._files = {name: folder / file for name, file in weight_map.items()}
+        else:
+            from safetensors import safe_open
+
+            single = folder / "model.safetensors"
+            with safe_open(str(single), framework="pt") as f:
+                self._files = dict.fromkeys(f.keys(), single)
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self._files[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+
+def _is_gptq(module: torch.nn.Module) -> bool:
+    return all(hasattr(module, field) for field in GPTQ_FIELDS) and hasattr(module, "post_init")
+
+
+def fuse_linears(
+    parts: dict[str, torch.nn.Module], checkpoint: CheckpointTensors | None
+) -> torch.nn.Module | None:
+    """One layer computing `parts` (name -> module, in output order) side by side, or None.
+
+    None when the parts cannot be joined exactly: mixed kinds or biases, adapter wrappers, GPTQ
+    parts with different `g_idx` or settings, or GPTQ without its checkpoint.
+    """
+    modules = list(parts.values())
+    first = modules[0]
+    if any(type(m) is not type(first) for m in modules):
+        return None
+    if len({m.bias is None for m in modules}) != 1:
+        return None
+    if type(first) is torch.nn.Linear:
+        fused = torch.nn.Linear(
+            first.in_features,
+            sum(m.out_features for m in modules),
+            bias=first.bias is not None,
+            device=first.weight.device,
+            dtype=first.weight.dtype,
+        )
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([m.weight for m in modules]))
+            if first.bias is not None:
+                fused.bias.copy_(torch.cat([m.bias for m in modules]))
+        return fused.requires_grad_(False)
+    if _is_gptq(first) and checkpoint is not None:
+        return _fuse_gptq(parts, checkpoint)
+    return None
+
+
+def _fuse_gptq(parts: dict[str, torch.nn.Module], checkpoint: CheckpointTensors):
+    """GPTQ parts joined before the kernel's own set-up (`post_init`: Marlin's repack)."""
+    modules = list(parts.values())
+    first = modules[0]
+    settings = ("bits", "requested_group_size", "desc_act", "sym", "in_features", "pack_dtype")
+    if any(getattr(m, s) != getattr(first, s) for m in modules for s in settings):
+        return None
+    raw = {field: [checkpoint.get(f"{name}.{field}") for name in parts] for field in GPTQ_FIELDS}
+    if any(not torch.equal(g, raw["g_idx"][0]) for g in raw["g_idx"]):
+        return None
+    device = first.qweight.device
+    dtype = getattr(first, "compute_dtype", None) or first.scales.dtype
+    fused = type(first)(
+        bits=first.bits,
+        group_size=first.requested_group_size,
+        desc_act=first.desc_act,
+        sym=first.sym,
+        in_features=first.in_features,
+        out_features=sum(m.out_features for m in modules),
+        bias=first.bias is not None,
+        pack_dtype=first.pack_dtype,
+        backend=first.backend,
+        format=getattr(first, "format", None),
+        register_buffers=True,
+        dtype=dtype,
+    )
+    tensors = {
+        "qweight": torch.cat(raw["qweight"], dim=1),
+        "scales": torch.cat(raw["scales"], dim=1).to(dtype),
+        "qzeros": torch.cat(raw["qzeros"], dim=1),
+        "g_idx": raw["g_idx"][0],
+    }
+    if first.bias is not None:
+        tensors["bias"] = torch.cat([checkpoint.get(f"{name}.bias") for name in parts]).to(dtype)
+    for field, tensor in tensors.items():
+        current = getattr(fused, field)
+        if isinstance(current, torch.nn.Parameter):
+            setattr(fused, field, torch.nn.Parameter(tensor.to(device), requires_grad=False))
+        else:
+            setattr(fused, field, tensor.to(device))
+    fused.to(device)
+    if getattr(fused, "REQUIRES_FORMAT_V2", False) and _is_v1(first):
+        from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
+
+        convert_gptq_v1_to_v2_format_module(fused, bits=fused.bits, pack_dtype=fused.pack_dtype)
+    fused.post_init()
+    return fused.eval()
+
+
+def _is_v1(module) -> bool:
+    """GPTQ checkpoints are stored in the v1 layout (zero points minus one) unless marked v2."""
+    return str(getattr(module, "format", "gptq")).lower().removeprefix("format.") != "gptq_v2"
+
+
+# -- the model ------------------------------------------------------------------------------------
+
+
+def fuse(model: torch.nn.Module, *, checkpoint: Path | None = None) -> Fusion | None:
+    """Rewire `model`'s decoder layers in place; None when its layout is not one known here.
+
+    `checkpoint`: the local folder of a GPTQ model (its packed tensors are read again from it).
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FUSABLE_TYPES:
+        log.info("model type %r: projections and norms run as loaded", model_type)
+        return None
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        return None
+    device = next(model.parameters()).device
+    ops = pick_ops(device)
+    tensors = CheckpointTensors(checkpoint) if checkpoint is not None else None
+    # Names only: a map holding the modules themselves would keep every replaced one alive.
+    wanted = {id(layer) for layer in layers}
+    layer_names = {id(m): name for name, m in model.named_modules() if id(m) in wanted}
+    saved = 0
+    for layer in layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        prefix = layer_names[id(layer)]
+        qkv = fuse_linears(
+            {
+                f"{prefix}.self_attn.{part}": getattr(attention, part)
+                for part in ("q_proj", "k_proj", "v_proj")
+            },
+            tensors,
+        )
+        gate_up = (
+            fuse_linears(
+                {f"{prefix}.mlp.{part}": getattr(mlp, part) for part in ("gate_proj", "up_proj")},
+                tensors,
+            )
+            if config.hidden_act == "silu"
+            else None
+        )
+        if qkv is None or gate_up is None:
+            log.warning("layer %s cannot be fused: it runs as loaded", prefix)
+            continue
+        attention.onegpu_qkv_sizes = [
+            attention.q_proj.out_features,
+            attention.k_proj.out_features,
+            attention.v_proj.out_features,
+        ]
+        del attention.q_proj, attention.k_proj, attention.v_proj, mlp.gate_proj, mlp.up_proj
+        attention.qkv_proj, mlp.gate_up_proj = qkv, gate_up
+        for module, forward in (
+            (layer, _layer_forward),
+            (attention, _attention_forward),
+            (mlp, _mlp_forward),
+        ):
+            module.onegpu_ops = ops
+            module.forward = MethodType(forward, module)
+        saved += 3
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    fusion = Fusion(layers=saved // 3, gemms_saved=saved, kernels=ops.name)
+    log.warning(
+        "fused %d of %d layers: %d fewer GEMMs per token, %s norm/rotary kernels",
+        fusion.layers,
+        len(layers),
+        fusion.gemms_saved,
+        fusion.kernels,
+    )
+    return fusion
