@@ -1,15 +1,20 @@
-"""Single-stream decode speed of a Qwen-14B-shaped 8-bit GPTQ model, against the bandwidth bound.
+"""Decode speed of a Qwen-14B-shaped 8-bit GPTQ model, against the bandwidth bound and a peer.
 
     python bench/decode.py                       # prompts of 128 and 1,500 tokens, 64 new tokens
-    python bench/decode.py --prompt-lengths 128 --new-tokens 128
+    python bench/decode.py --prompt-lengths 128 --variants fused,unfused --profile
 
 Builds the checkpoint first (random packed weights in the exact Qwen-14B shape, as `onegpu quantize`
-writes them; see train_14b.py), loads it the way `onegpu serve` does (Marlin kernels, GPU capped at
-24 GiB), and times three things in one run on one GPU:
+writes them; see train_14b.py), or takes `--checkpoint`. Times, in one run on one GPU (capped at
+24 GiB):
   - bandwidth: a large device-to-device copy (bytes read + written per second);
-  - onegpu: the serving engine (`Engine.generate`, logprobs and stop checks included), one
-    request alone, then 1, 2, 4, 8, 16 requests decoding together (aggregate tokens/s);
-  - baseline: transformers `generate()`, greedy, one request, same model: what 2023 entries ran.
+  - onegpu: the serving engine (`Engine.generate`, logprobs and stop checks included) as
+    `onegpu serve` loads it, one request alone, then 1, 2, 4, 8, 16 requests decoding together
+    (aggregate tokens/s); each variant (`fused`: the defaults; `unfused`: --no-fuse) in turn;
+  - transformers on the same checkpoint, in a child process (own memory cap, own time limit):
+    `generate()` as 2023 entries ran it (eager, dynamic cache), and the peer: `generate()` with a
+    static cache and the forward under `torch.compile(mode="reduce-overhead")`, what a user
+    would try instead;
+  - with --profile: torch profiler's top kernels per decode step (one request, first variant).
 Decode tokens/s excludes the prefill and first token. bound = bandwidth / bytes read per token
 (all weights except the embedding table, plus the KV cache of the context). Prints a table last and
 writes decode.json to $OUT (or ./bench-out).
@@ -21,6 +26,7 @@ import argparse
 import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_14b import QWEN_14B, WORDS, build_checkpoint, make_tokenizer  # noqa: E402
+
+VARIANTS = {"fused": {}, "unfused": {"fuse": False}}
 
 
 def copy_bandwidth(gib: float = 4.0, iters: int = 20) -> float:
@@ -119,15 +127,65 @@ def time_batch(engine, prompt: str, rows: int, new_tokens: int) -> dict:
     return {"rows": rows, "step_ms": 1e3 * seconds / steps, "decode_tok_s": rows * steps / seconds}
 
 
-def time_baseline(engine, prompt: str, new_tokens: int) -> dict:
-    """transformers generate(), greedy, one request: decode rate from two lengths' difference."""
-    ids = torch.tensor([engine.tokenize(prompt)], device="cuda")
+def profile_decode(engine, prompt: str, steps: int = 16) -> dict:
+    """One request decoding: wall time per step, and the profiler's kernels per step."""
+    from concurrent.futures import Future
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from onegpu.engine.types import GenerationRequest
+
+    request = GenerationRequest(
+        prompt=prompt, max_new_tokens=3 * steps, min_new_tokens=3 * steps, temperature=0.0
+    )
+    future: Future = Future()
+    future.set_running_or_notify_cancel()
+    engine.admit(request, future)
+    while not engine.scheduler.running or engine.scheduler.running[0].prefilling:
+        engine.step()
+    for _ in range(4):
+        engine.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    wall_ms = 1e3 * (time.perf_counter() - start) / steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    while engine.busy:
+        engine.step()
+    kernels = []
+    for event in prof.key_averages():
+        device_us = getattr(event, "self_device_time_total", 0) or 0
+        if device_us <= 0 or str(getattr(event, "device_type", "")).endswith("CPU"):
+            continue
+        kernels.append(
+            {
+                "name": event.key[:90],
+                "calls_per_step": event.count / steps,
+                "us_per_step": device_us / steps,
+            }
+        )
+    kernels.sort(key=lambda k: -k["us_per_step"])
+    return {
+        "wall_ms_per_step": wall_ms,
+        "kernel_ms_per_step": sum(k["us_per_step"] for k in kernels) / 1e3,
+        "launches_per_step": sum(k["calls_per_step"] for k in kernels),
+        "top": kernels[:15],
+    }
+
+
+def time_generate(model, ids: torch.Tensor, new_tokens: int, **kwargs) -> dict:
+    """transformers generate(), greedy: decode rate from the difference of two lengths."""
 
     def run(n: int) -> float:
         torch.cuda.synchronize()
         start = time.perf_counter()
-        engine.model.generate(
-            ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+        model.generate(
+            ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **kwargs
         )
         torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -136,97 +194,217 @@ def time_baseline(engine, prompt: str, new_tokens: int) -> dict:
     return {"first_token_s": short, "decode_tok_s": (new_tokens - 1) / (full - short)}
 
 
+def transformers_child(args) -> int:
+    """In a child process: eager generate() and the compiled static-cache peer, per prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
+
+    from onegpu.device import cap_gpu_memory
+
+    cap_gpu_memory(torch.device("cuda"), args.gpu_memory_gib)
+    folder = Path(args.checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder,
+        dtype=torch.float16,
+        device_map={"": "cuda"},
+        quantization_config=GPTQConfig(bits=8, backend="marlin"),
+    ).eval()
+    result: dict = {}
+    out = Path(args.child_out)
+    for length in (int(x) for x in args.prompt_lengths.split(",")):
+        ids = tokenizer(prompt_of(tokenizer, length, seed=length), return_tensors="pt")
+        ids = ids["input_ids"].cuda()
+        entry = result.setdefault(str(ids.shape[1]), {})
+        entry["generate"] = time_generate(model, ids, args.new_tokens)
+        out.write_text(json.dumps(result))
+    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
+    static = {"cache_implementation": "static", "disable_compile": True}
+    for length in (int(x) for x in args.prompt_lengths.split(",")):
+        ids = tokenizer(prompt_of(tokenizer, length, seed=length), return_tensors="pt")
+        ids = ids["input_ids"].cuda()
+        start = time.perf_counter()
+        for _ in range(2):  # compile, then record the graphs
+            time_generate(model, ids, 8, **static)
+        entry = result[str(ids.shape[1])]
+        entry["peer_warmup_s"] = time.perf_counter() - start
+        entry["peer"] = time_generate(model, ids, args.new_tokens, **static)
+        out.write_text(json.dumps(result))
+    return 0
+
+
+def run_child(args, role: list[str], folder: Path, child_out: Path, timeout: int) -> dict:
+    """This script in a child process (its own GPU memory, cap and time limit); {} on failure."""
+    child_out.unlink(missing_ok=True)
+    command = [
+        sys.executable,
+        __file__,
+        *role,
+        "--checkpoint",
+        str(folder),
+        "--child-out",
+        str(child_out),
+        "--prompt-lengths",
+        args.prompt_lengths,
+        "--new-tokens",
+        str(args.new_tokens),
+        "--batches",
+        args.batches,
+        "--gpu-memory-gib",
+        str(args.gpu_memory_gib),
+    ]
+    try:
+        done = subprocess.run(command, timeout=timeout, check=False)
+        status = f"exit {done.returncode}"
+    except subprocess.TimeoutExpired:
+        status = f"stopped after {timeout} s"
+    result = json.loads(child_out.read_text()) if child_out.exists() else {}
+    print(f"{' '.join(role)}: {status}", flush=True)
+    return result | {"status": status}
+
+
+def variant_child(args) -> int:
+    """In a child process: load the engine as `onegpu serve` does (one variant) and time it."""
+    from onegpu.engine.loading import EngineConfig, load_engine
+
+    start = time.perf_counter()
+    engine = load_engine(
+        EngineConfig(
+            model=args.checkpoint,
+            device="cuda",
+            dtype="float16",
+            gpu_memory_gib=args.gpu_memory_gib,
+            default_stop=(),
+            **VARIANTS[args.variant_child],
+        )
+    )
+    load_s = time.perf_counter() - start
+    weights = weight_bytes(engine.model)
+    time_engine(engine, prompt_of(engine.tokenizer, 32, seed=99), 4)  # warm-up
+    rows = {}
+    for length in (int(x) for x in args.prompt_lengths.split(",")):
+        prompt = prompt_of(engine.tokenizer, length, seed=length)
+        ours = time_engine(engine, prompt, args.new_tokens)
+        bound = args.bandwidth / (weights + kv_bytes(QWEN_14B, ours["prompt_tokens"]))
+        rows[str(ours["prompt_tokens"])] = {
+            "bound_tok_s": bound,
+            "single": ours,
+            "of_bound": ours["decode_tok_s"] / bound,
+            "batches": [
+                time_batch(engine, prompt, int(n), args.new_tokens) for n in args.batches.split(",")
+            ],
+        }
+    result = {"weight_bytes": weights, "rows": rows, "load_s": load_s}
+    if args.profile:
+        result["profile"] = profile_decode(engine, prompt_of(engine.tokenizer, 128, seed=128))
+    result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    Path(args.child_out).write_text(json.dumps(result))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompt-lengths", default="128,1500")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batches", default="1,2,4,8,16", help="rows decoding together")
-    parser.add_argument("--no-baseline", action="store_true", help="skip transformers generate()")
+    parser.add_argument("--variants", default="fused,unfused", help=f"of {', '.join(VARIANTS)}")
+    parser.add_argument("--profile", action="store_true", help="top kernels per decode step")
+    parser.add_argument("--no-transformers", action="store_true", help="skip generate() + peer")
+    parser.add_argument("--peer-timeout", type=int, default=300)
+    parser.add_argument("--variant-timeout", type=int, default=240)
+    parser.add_argument("--checkpoint", help="an existing 14B-shaped GPTQ folder to load")
     parser.add_argument("--gpu-memory-gib", type=float, default=24.0)
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    # The child processes' roles (run_child).
+    parser.add_argument("--transformers-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant-child", help=argparse.SUPPRESS)
+    parser.add_argument("--bandwidth", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/decode.py needs a CUDA GPU")
-    from onegpu.engine.loading import EngineConfig, load_engine
+    if args.transformers_child:
+        return transformers_child(args)
+    if args.variant_child:
+        return variant_child(args)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result: dict = {"gpu": torch.cuda.get_device_name(), "new_tokens": args.new_tokens}
     bandwidth = copy_bandwidth()
     result["copy_bandwidth_gb_s"] = bandwidth / 1e9
-
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/tmp")) as work:
-        start = time.perf_counter()
-        folder = build_checkpoint(Path(work) / "qwen14b-gptq8", QWEN_14B, make_tokenizer(WORDS))
-        result["checkpoint_write_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        engine = load_engine(
-            EngineConfig(
-                model=str(folder),
-                device="cuda",
-                dtype="float16",
-                gpu_memory_gib=args.gpu_memory_gib,
-                default_stop=(),
+        if args.checkpoint:
+            folder = Path(args.checkpoint)
+        else:
+            folder = Path(work) / "qwen14b-gptq8"
+            build_checkpoint(folder, QWEN_14B, make_tokenizer(WORDS))
+        if not args.no_transformers:
+            role = ["--transformers-child"]
+            result["transformers"] = run_child(
+                args, role, folder, out / "decode-transformers.json", args.peer_timeout
             )
-        )
-        result["load_s"] = time.perf_counter() - start
-        result["weight_bytes"] = weight_bytes(engine.model)
-        time_engine(engine, prompt_of(engine.tokenizer, 32, seed=99), 4)  # warm-up
-        rows = []
-        for length in (int(x) for x in args.prompt_lengths.split(",")):
-            prompt = prompt_of(engine.tokenizer, length, seed=length)
-            ours = time_engine(engine, prompt, args.new_tokens)
-            batches = [
-                time_batch(engine, prompt, int(n), args.new_tokens) for n in args.batches.split(",")
-            ]
-            base = (
-                {"decode_tok_s": float("nan")}
-                if args.no_baseline
-                else time_baseline(engine, prompt, args.new_tokens)
+        result["variants"] = {}
+        for i, name in enumerate(args.variants.split(",")):
+            role = ["--variant-child", name, "--bandwidth", str(bandwidth)]
+            if args.profile and i == 0:
+                role.append("--profile")
+            measured = run_child(
+                args, role, folder, out / f"decode-{name}.json", args.variant_timeout
             )
-            per_token = result["weight_bytes"] + kv_bytes(QWEN_14B, ours["prompt_tokens"])
-            bound = bandwidth / per_token
-            rows.append(
-                {
-                    "prompt_tokens": ours["prompt_tokens"],
-                    "bound_tok_s": bound,
-                    "onegpu": ours,
-                    "onegpu_batches": batches,
-                    "baseline_generate": base,
-                    "onegpu_of_bound": ours["decode_tok_s"] / bound,
-                    "baseline_of_bound": base["decode_tok_s"] / bound,
-                    "onegpu_over_baseline": ours["decode_tok_s"] / base["decode_tok_s"],
-                }
-            )
-        result["rows"] = rows
-        result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
-
+            if "rows" in measured:
+                result["variants"][name] = measured
+            (out / "decode.json").write_text(json.dumps(result, indent=2))
     (out / "decode.json").write_text(json.dumps(result, indent=2))
-    print(
-        f"\n{result['gpu']}: copy bandwidth {result['copy_bandwidth_gb_s']:.0f} GB/s, "
-        f"weights read per token {result['weight_bytes'] / 1e9:.2f} GB, "
-        f"load {result['load_s']:.0f} s, peak {result['peak_gpu_gib']:.1f} GiB"
-    )
-    print(
-        f"{'prompt':>7} {'bound':>7} {'onegpu':>7} {'of bound':>8} "
-        f"{'generate':>8} {'of bound':>8} {'ratio':>6}"
-    )
-    for r in rows:
-        print(
-            f"{r['prompt_tokens']:>7} {r['bound_tok_s']:>7.1f} {r['onegpu']['decode_tok_s']:>7.1f} "
-            f"{r['onegpu_of_bound']:>8.2f} {r['baseline_generate']['decode_tok_s']:>8.1f} "
-            f"{r['baseline_of_bound']:>8.2f} {r['onegpu_over_baseline']:>6.2f}"
-        )
-        one = r["onegpu_batches"][0]["decode_tok_s"]
-        print(
-            "  rows together: "
-            + ", ".join(
-                f"{b['rows']}: {b['decode_tok_s']:.0f} tok/s ({b['decode_tok_s'] / one:.1f}x, "
-                f"{b['step_ms']:.1f} ms/step)"
-                for b in r["onegpu_batches"]
-            )
-        )
+    print_table(result)
     return 0
+
+
+def print_table(result: dict) -> None:
+    print(f"\n{result['gpu']}: copy bandwidth {result['copy_bandwidth_gb_s']:.0f} GB/s")
+    variants = result["variants"]
+    hf = result.get("transformers", {})
+    if not variants:
+        print("no engine variant finished: see the log")
+        return
+    for name, v in variants.items():
+        print(
+            f"  {name}: weights read per token {v['weight_bytes'] / 1e9:.2f} GB, "
+            f"load {v['load_s']:.0f} s, peak {v['peak_gpu_gib']:.1f} GiB"
+        )
+    names = list(variants)
+    header = f"{'prompt':>7} {'bound':>7} " + " ".join(f"{n:>9} {'of bound':>8}" for n in names)
+    print(header + f" {'generate':>8} {'peer':>7} {names[0] + '/peer':>11}")
+    for prompt, row in variants[names[0]]["rows"].items():
+        line = f"{prompt:>7} {row['bound_tok_s']:>7.1f} "
+        for n in names:
+            r = variants[n]["rows"][prompt]
+            line += f"{r['single']['decode_tok_s']:>9.1f} {r['of_bound']:>8.2f} "
+        entry = hf.get(prompt, {})
+        generate = entry.get("generate", {}).get("decode_tok_s", float("nan"))
+        peer = entry.get("peer", {}).get("decode_tok_s", float("nan"))
+        line += f"{generate:>8.1f} {peer:>7.1f} {row['single']['decode_tok_s'] / peer:>11.2f}"
+        print(line)
+        for n in names:
+            batches = variants[n]["rows"][prompt]["batches"]
+            one = batches[0]["decode_tok_s"]
+            print(
+                f"  {n}, rows together: "
+                + ", ".join(
+                    f"{b['rows']}: {b['decode_tok_s']:.0f} tok/s ({b['decode_tok_s'] / one:.1f}x, "
+                    f"{b['step_ms']:.1f} ms/step)"
+                    for b in batches
+                )
+            )
+    print(f"transformers child: {hf.get('status', 'not run')}")
+    profile = variants[names[0]].get("profile")
+    if profile:
+        print(
+            f"\nprofile ({names[0]}, 1 request): {profile['wall_ms_per_step']:.2f} ms/step wall, "
+            f"{profile['kernel_ms_per_step']:.2f} ms of kernels, "
+            f"{profile['launches_per_step']:.0f} kernels per step"
+        )
+        for k in profile["top"]:
+            print(f"  {k['us_per_step']:>8.1f} us {k['calls_per_step']:>6.1f}x  {k['name']}")
 
 
 if __name__ == "__main__":

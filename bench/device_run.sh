@@ -5,6 +5,10 @@
 #   bash bench/device_run.sh mix      # helm_mix: this tree, then the tree in .old/src (before)
 #   bash bench/device_run.sh speed    # generate() baselines, decode.py
 #   bash bench/device_run.sh variants # helm_mix with the defaults, --prefill-chunk 2048, int8 KV
+#   bash bench/device_run.sh decode   # decode.py: fused and unfused engines, with a profile
+#   bash bench/device_run.sh peer     # decode.py's transformers side: generate() and the peer
+#   bash bench/device_run.sh mixfused # helm_mix with the defaults (fused projections and kernels)
+#   bash bench/device_run.sh final    # CUDA tests, then decode.py (fused, with the profile)
 #   bash bench/device_run.sh tests mix
 #
 # Needs .whl (see scripts/device-setup) and, for `mix`, .old/src (git archive OLD src | tar -x
@@ -62,7 +66,41 @@ folder = Path('$CKPT/gptq8-qwen14b')
 for phase in "$@"; do
     case $phase in
     tests)
-        step cuda-tests 150 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider
+        # The GPTQ tests need Marlin: they wait for the background build.
+        step cuda-tests 330 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider
+        ;;
+    decode)
+        step checkpoint 120 python3 -c "$CHECKPOINT"
+        wait_marlin
+        step decode 300 python3 bench/decode.py --prompt-lengths 128 --variants fused,unfused \
+            --profile --no-transformers --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
+        step fusion-check 90 python3 bench/fusion_check.py --out "$OUT"
+        ;;
+    unfused)
+        step checkpoint 120 python3 -c "$CHECKPOINT"
+        wait_marlin
+        step decode-unfused 150 python3 bench/decode.py --prompt-lengths 128 --variants unfused \
+            --no-transformers --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT/unfused"
+        ;;
+    final)  # tests first (the GPTQ ones wait for Marlin, so they run last), then decode.py
+        step cuda-tests 200 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider -k "not gptq"
+        step checkpoint 120 python3 -c "$CHECKPOINT"
+        wait_marlin
+        step decode 150 python3 bench/decode.py --prompt-lengths 128 --variants fused --profile \
+            --no-transformers --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
+        step cuda-tests-gptq 120 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider -k gptq
+        ;;
+    mixfused)
+        step checkpoint 120 python3 -c "$CHECKPOINT"
+        wait_marlin
+        step mix-fused 150 python3 bench/helm_mix.py --label fused --baseline-samples 0 \
+            --checkpoint "$CKPT" --out "$OUT"
+        ;;
+    peer)
+        step checkpoint 120 python3 -c "$CHECKPOINT"
+        wait_marlin
+        step peer 330 python3 bench/decode.py --prompt-lengths 128 --variants fused \
+            --peer-timeout 240 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
         ;;
     mix)
         step checkpoint 120 python3 -c "$CHECKPOINT"
@@ -97,5 +135,5 @@ for phase in "$@"; do
         ;;
     esac
 done
-grep -E "^(===|helm-mix|helm:|interleaved:|by scenario| +(onegpu|after|before|generate)|[0-9 ]+ +[0-9.]+ )" \
-    "$LOG" | tail -60
+grep -E "^(===|helm-mix|helm:|interleaved:|by scenario| +(onegpu|after|before|generate|fused|unfused)|[0-9 ]+ +[0-9.]+ |profile|prompt|transformers|fusion check|.*(passed|failed))" \
+    "$LOG" | tail -70
