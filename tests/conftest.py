@@ -68,15 +68,15 @@ def qwen_tokenizer(qwen_tokenizer_dir):
     return AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
 
 
-def tiny_qwen2(vocab_size: int, seed: int = 0) -> torch.nn.Module:
+def tiny_qwen2(vocab_size: int, seed: int = 0, hidden: int = 64) -> torch.nn.Module:
     """A 2-layer Qwen2 with random weights: real architecture, instant to build."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

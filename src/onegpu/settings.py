@@ -165,6 +165,11 @@ class QuantizeSettings(JobSettings):
     sym: bool = Field(True, description="symmetric quantization (no zero points)")
     desc_act: bool = Field(False, description="act-order: quantize columns by activation size")
     damp_percent: float = Field(0.01, gt=0, lt=1, description="Hessian damping (GPTQ's 0.01)")
+    lm_head: bool = Field(
+        False,
+        description="also quantize the output head (Qwen-14B's: 1.56 of the 14.4 GB read per "
+        "token; untied heads only); off by default, the README has its measured cost",
+    )
     calibration: str = Field("wikitext2", description="wikitext2 or a local .txt/.jsonl file")
     calibration_split: str = Field("train", description="WikiText-2 split to calibrate on")
     samples: int = Field(120, ge=1, description="calibration windows")

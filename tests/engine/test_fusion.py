@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from onegpu.engine.fusion import TorchOps, fuse, fuse_linears, pick_ops
+from onegpu.engine.gptq_layers import load_quantized_head
 from onegpu.engine.types import GenerationRequest
 from tests.conftest import DEVICES, make_engine, tiny_qwen2
 from tests.engine.test_batching import run_interleaved
@@ -201,20 +202,7 @@ def write_gptq_checkpoint(folder: Path, model: nn.Module, tokenizer=None) -> Pat
 
 def tiny_gptq_source(vocab_size: int) -> nn.Module:
     """A 2-layer Qwen2 whose widths suit Marlin's tiles (in and out multiples of 64)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-    )
-    return Qwen2ForCausalLM(config)
+    return tiny_qwen2(vocab_size, hidden=128)
 
 
 def load_gptq(folder: Path, device: str) -> nn.Module:
@@ -233,6 +221,7 @@ def test_fused_gptq_layers_give_the_same_logits(device, tmp_path):
     pytest.importorskip("gptqmodel", reason="needs gptqmodel (make test installs it)")
     folder = write_gptq_checkpoint(tmp_path / "gptq", tiny_gptq_source(vocab_size=512))
     model, fused = load_gptq(folder, device), load_gptq(folder, device)
+    assert not load_quantized_head(model, folder)  # its head is not quantized: left as loaded
     kernel = type(model.model.layers[0].self_attn.q_proj)
     report = fuse(fused, checkpoint=folder)
     assert report is not None and report.layers == 2

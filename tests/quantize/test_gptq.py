@@ -20,7 +20,9 @@ from onegpu.provenance import RECORD_FILE
 from onegpu.quantize import gptq
 from onegpu.quantize.gptq import (
     PerplexityRegressionError,
+    TiedHeadError,
     check_group_size,
+    check_head_untied,
     check_perplexity,
     format_perplexity_table,
     quantize,
@@ -98,6 +100,17 @@ def test_check_group_size(config, group_size, ok):
     else:
         with pytest.raises(ValueError, match="does not divide"):
             check_group_size(config, group_size)
+
+
+@pytest.mark.parametrize(("tied", "ok"), [(True, False), (False, True)])
+def test_check_head_untied(tied, ok):
+    config = qwen2_config(128, 256, 4, 2)
+    config.tie_word_embeddings = tied
+    if ok:
+        check_head_untied(config)
+    else:
+        with pytest.raises(TiedHeadError, match="--lm-head"):
+            check_head_untied(config)
 
 
 @pytest.mark.parametrize(
@@ -310,6 +323,38 @@ def test_transformers_loads_and_generates(quantized, tiny_model):
     kl_quant = torch.nn.functional.kl_div(q, p, log_target=True, reduction="batchmean").item()
     kl_other = torch.nn.functional.kl_div(r, p, log_target=True, reduction="batchmean").item()
     assert kl_quant < 1e-3 * kl_other
+
+
+def test_lm_head_option_quantizes_the_head_and_serving_loads_it(tiny_model, corpus, tmp_path):
+    """transformers' loader leaves a quantized head out (a random one comes instead); the
+    perplexity check and the server both load the checkpoint's own 8-bit head."""
+    pytest.importorskip("gptqmodel", reason="needs the quantize extra (gptqmodel)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from onegpu.engine.gptq_layers import is_gptq
+    from onegpu.engine.loading import EngineConfig, load_engine
+
+    out = quantize(
+        QuantizeSettings(
+            model=str(tiny_model),
+            output=tmp_path / "tiny-gptq-head",
+            calibration=str(corpus["calib"]),
+            eval_data=str(corpus["eval"]),
+            ppl_threshold=0.05,  # a random head measures about +45%: a typed error
+            lm_head=True,
+            **TINY_SETTINGS,
+        )
+    )
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["lm_head"]
+    engine = load_engine(EngineConfig(model=str(out), device="cpu"))
+    assert is_gptq(engine.model.lm_head)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok(word_text(60, seed=7), return_tensors="pt")["input_ids"][:, :128]
+    with torch.no_grad():
+        expected = base(ids).logits
+        got = engine.model(ids).logits.float()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0.05 * expected.abs().max().item())
 
 
 def test_threshold_turns_a_regression_into_a_typed_error(tiny_model, corpus, tmp_path):

@@ -14,7 +14,6 @@ differ (act-order checkpoints).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,11 @@ from types import MethodType
 import torch
 import torch.nn.functional as F
 
+from onegpu.engine.gptq_layers import CheckpointTensors, gptq_from_checkpoint, is_gptq
+
 log = logging.getLogger(__name__)
 
 FUSABLE_TYPES = ("llama", "qwen2")
-GPTQ_FIELDS = ("qweight", "scales", "qzeros", "g_idx")
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,32 +179,6 @@ def _mlp_forward(self, x):
 # -- fusing projections ---------------------------------------------------------------------------
 
 
-class CheckpointTensors:
-    """Named tensors of a local safetensors checkpoint (one file, or sharded with an index)."""
-
-    def __init__(self, folder: Path) -> None:
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self._files = {name: folder / file for name, file in weight_map.items()}
-        else:
-            from safetensors import safe_open
-
-            single = folder / "model.safetensors"
-            with safe_open(str(single), framework="pt") as f:
-                self._files = dict.fromkeys(f.keys(), single)
-
-    def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(str(self._files[name]), framework="pt") as f:
-            return f.get_tensor(name)
-
-
-def _is_gptq(module: torch.nn.Module) -> bool:
-    return all(hasattr(module, field) for field in GPTQ_FIELDS) and hasattr(module, "post_init")
-
-
 def fuse_linears(
     parts: dict[str, torch.nn.Module], checkpoint: CheckpointTensors | None
 ) -> torch.nn.Module | None:
@@ -232,63 +206,12 @@ def fuse_linears(
             if first.bias is not None:
                 fused.bias.copy_(torch.cat([m.bias for m in modules]))
         return fused.requires_grad_(False)
-    if _is_gptq(first) and checkpoint is not None:
-        return _fuse_gptq(parts, checkpoint)
+    if is_gptq(first) and checkpoint is not None:
+        settings = ("bits", "requested_group_size", "desc_act", "sym", "in_features", "pack_dtype")
+        if any(getattr(m, s) != getattr(first, s) for m in modules for s in settings):
+            return None
+        return gptq_from_checkpoint(first, list(parts), checkpoint)
     return None
-
-
-def _fuse_gptq(parts: dict[str, torch.nn.Module], checkpoint: CheckpointTensors):
-    """GPTQ parts joined before the kernel's own set-up (`post_init`: Marlin's repack)."""
-    modules = list(parts.values())
-    first = modules[0]
-    settings = ("bits", "requested_group_size", "desc_act", "sym", "in_features", "pack_dtype")
-    if any(getattr(m, s) != getattr(first, s) for m in modules for s in settings):
-        return None
-    raw = {field: [checkpoint.get(f"{name}.{field}") for name in parts] for field in GPTQ_FIELDS}
-    if any(not torch.equal(g, raw["g_idx"][0]) for g in raw["g_idx"]):
-        return None
-    device = first.qweight.device
-    dtype = getattr(first, "compute_dtype", None) or first.scales.dtype
-    fused = type(first)(
-        bits=first.bits,
-        group_size=first.requested_group_size,
-        desc_act=first.desc_act,
-        sym=first.sym,
-        in_features=first.in_features,
-        out_features=sum(m.out_features for m in modules),
-        bias=first.bias is not None,
-        pack_dtype=first.pack_dtype,
-        backend=first.backend,
-        format=getattr(first, "format", None),
-        register_buffers=True,
-        dtype=dtype,
-    )
-    tensors = {
-        "qweight": torch.cat(raw["qweight"], dim=1),
-        "scales": torch.cat(raw["scales"], dim=1).to(dtype),
-        "qzeros": torch.cat(raw["qzeros"], dim=1),
-        "g_idx": raw["g_idx"][0],
-    }
-    if first.bias is not None:
-        tensors["bias"] = torch.cat([checkpoint.get(f"{name}.bias") for name in parts]).to(dtype)
-    for field, tensor in tensors.items():
-        current = getattr(fused, field)
-        if isinstance(current, torch.nn.Parameter):
-            setattr(fused, field, torch.nn.Parameter(tensor.to(device), requires_grad=False))
-        else:
-            setattr(fused, field, tensor.to(device))
-    fused.to(device)
-    if getattr(fused, "REQUIRES_FORMAT_V2", False) and _is_v1(first):
-        from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
-
-        convert_gptq_v1_to_v2_format_module(fused, bits=fused.bits, pack_dtype=fused.pack_dtype)
-    fused.post_init()
-    return fused.eval()
-
-
-def _is_v1(module) -> bool:
-    """GPTQ checkpoints are stored in the v1 layout (zero points minus one) unless marked v2."""
-    return str(getattr(module, "format", "gptq")).lower().removeprefix("format.") != "gptq_v2"
 
 
 # -- the model ------------------------------------------------------------------------------------

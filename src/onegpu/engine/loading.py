@@ -1,7 +1,7 @@
 """Loading a model for serving: a local folder or a hub id, plain or 8-bit GPTQ, with an adapter.
 
-Every GPTQ and peft call made at serving time is in this module, except the re-packing of fused
-projections (`fusion.py`).
+Every GPTQ and peft call made at serving time is in this module, except the layers built from a
+checkpoint's packed tensors (`gptq_layers.py`: fused projections, a quantized lm_head).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from onegpu.engine.config import EngineConfig
 from onegpu.engine.embedded import EMBEDDED_NAME, embedded_model_dir
 from onegpu.engine.fusion import fuse
 from onegpu.engine.generate import Engine
+from onegpu.engine.gptq_layers import load_quantized_head
 from onegpu.engine.kvcache import bytes_per_token
 from onegpu.engine.types import ModelInfo
 from onegpu.errors import UserError
@@ -107,6 +108,8 @@ def load_engine(config: EngineConfig) -> Engine:
             source, revision=config.revision, trust_remote_code=config.trust_remote_code
         )
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if quantization:
+            load_quantized_head(model, Path(source))
     except (OSError, ValueError, KeyError, ImportError) as exc:
         raise ModelLoadError(f"cannot load model {name!r}: {exc}") from exc
     if config.adapter:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from onegpu.device import resolve_device, resolve_dtype
+from onegpu.engine.gptq_layers import load_quantized_head
 from onegpu.errors import OutputExistsError, UserError
 from onegpu.provenance import Phases, new_record, write_record
 from onegpu.quantize.calibration import (
@@ -61,6 +62,10 @@ LIBRARIES = (
 
 class QuantizeError(RuntimeError):
     """Quantization could not produce an acceptable checkpoint."""
+
+
+class TiedHeadError(UserError):
+    """`--lm-head` asked for on a model whose head shares the embedding table."""
 
 
 class GroupSizeError(UserError, ValueError):
@@ -143,6 +148,16 @@ def check_group_size(config: Any, group_size: int) -> None:
         raise GroupSizeError(
             f"group_size={group_size} does not divide the layer input widths {bad}; vLLM and "
             f"Marlin need whole groups: pass --group-size {max(fits, default=-1)}"
+        )
+
+
+def check_head_untied(config: Any) -> None:
+    """GPTQModel quantizes an `lm_head` only when it is its own matrix, not the embedding's."""
+    text = getattr(config, "get_text_config", lambda: config)()
+    if getattr(text, "tie_word_embeddings", False):
+        raise TiedHeadError(
+            "--lm-head: this model's output head is its input embedding table "
+            "(tie_word_embeddings), which GPTQModel cannot quantize; quantize without --lm-head"
         )
 
 
@@ -288,6 +303,8 @@ def _prepare_model(
     prep = _Prepared(model_id, revision, None, None, device, dtype)
     prep.config = AutoConfig.from_pretrained(model_id, **prep.hub)
     check_group_size(prep.config, settings.group_size)
+    if settings.lm_head:
+        check_head_untied(prep.config)
     prep.tokenizer = AutoTokenizer.from_pretrained(model_id, **prep.hub)
     return prep
 
@@ -326,6 +343,8 @@ def _perplexity(
     else:
         kwargs.update(prep.hub)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    if quantized:
+        load_quantized_head(model, Path(path))
     try:
         # GPTQModel's torch kernel wraps its dequantization in torch.compile, which recompiles
         # per layer (minutes, until dynamo's recompile limit stops it); a one-off measurement
@@ -355,6 +374,7 @@ def _quantize(prep: _Prepared, settings: QuantizeSettings, out: Path, phases: Ph
             sym=settings.sym,
             desc_act=settings.desc_act,
             damp_percent=settings.damp_percent,
+            lm_head=settings.lm_head,
             # Finished layers go to disk, so host RAM holds one copy of the model at most.
             offload_to_disk=True,
             offload_to_disk_path=offload,
