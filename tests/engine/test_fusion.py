@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from onegpu.engine.fusion import TorchOps, fuse, fuse_linears, pick_ops
-from onegpu.engine.gptq_layers import load_quantized_head
+from onegpu.engine.gptq_layers import CheckpointTensors, gptq_from_checkpoint, load_quantized_head
 from onegpu.engine.types import GenerationRequest
 from tests.conftest import DEVICES, make_engine, tiny_qwen2
 from tests.engine.test_batching import run_interleaved
@@ -221,7 +221,11 @@ def test_fused_gptq_layers_give_the_same_logits(device, tmp_path):
     pytest.importorskip("gptqmodel", reason="needs gptqmodel (make test installs it)")
     folder = write_gptq_checkpoint(tmp_path / "gptq", tiny_gptq_source(vocab_size=512))
     model, fused = load_gptq(folder, device), load_gptq(folder, device)
+    tensors = CheckpointTensors(folder)
     assert not load_quantized_head(model, folder)  # its head is not quantized: left as loaded
+    template = model.model.layers[0].self_attn.q_proj
+    assert gptq_from_checkpoint(template, ["model.layers.0.no_such_proj"], tensors) is None
+    assert gptq_from_checkpoint(template, ["x"], CheckpointTensors(tmp_path)) is None  # no files
     kernel = type(model.model.layers[0].self_attn.q_proj)
     report = fuse(fused, checkpoint=folder)
     assert report is not None and report.layers == 2

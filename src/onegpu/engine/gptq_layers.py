@@ -25,13 +25,14 @@ class CheckpointTensors:
 
     def __init__(self, folder: Path) -> None:
         index = folder / "model.safetensors.index.json"
+        single = folder / "model.safetensors"
+        self._files: dict[str, Path] = {}  # none: another format (.bin), nothing to build from
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             self._files = {name: folder / file for name, file in weight_map.items()}
-        else:
+        elif single.is_file():
             from safetensors import safe_open
 
-            single = folder / "model.safetensors"
             with safe_open(str(single), framework="pt") as f:
                 self._files = dict.fromkeys(f.keys(), single)
 
@@ -56,8 +57,11 @@ def gptq_from_checkpoint(
     """One layer of `template`'s kernel class computing the checkpoint layers `names` side by side.
 
     Exact: the packed tensors are concatenated along output features before the kernel's set-up
-    (`post_init`: Marlin's repack). None when the layers' `g_idx` differ (act-order checkpoints).
+    (`post_init`: Marlin's repack). None when the checkpoint lacks a tensor (other names, or not
+    safetensors) or the layers' `g_idx` differ (act-order checkpoints).
     """
+    if any(f"{name}.{field}" not in checkpoint for name in names for field in GPTQ_FIELDS):
+        return None
     raw = {field: [checkpoint.get(f"{name}.{field}") for name in names] for field in GPTQ_FIELDS}
     if any(not torch.equal(g, raw["g_idx"][0]) for g in raw["g_idx"]):
         return None
