@@ -7,6 +7,7 @@
 #   bash bench/device_run.sh variants # helm_mix with the defaults, --prefill-chunk 2048, int8 KV
 #   bash bench/device_run.sh decode   # decode.py: fused and unfused engines, with a profile
 #   bash bench/device_run.sh peer     # decode.py's transformers side: generate() and the peer
+#                                     # (nearly a whole call: run it alone on a warm machine)
 #   bash bench/device_run.sh mixfused # helm_mix with the defaults (fused projections and kernels)
 #   bash bench/device_run.sh final    # CUDA tests, then decode.py (fused, with the profile)
 #   bash bench/device_run.sh tests mix
@@ -99,8 +100,9 @@ for phase in "$@"; do
     peer)
         step checkpoint 120 python3 -c "$CHECKPOINT"
         wait_marlin
-        step peer 330 python3 bench/decode.py --prompt-lengths 128 --variants fused \
-            --peer-timeout 240 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
+        # torch.compile of the GPTQ model had not finished after 240 s (2026-11-29): give it more.
+        step peer 560 python3 bench/decode.py --prompt-lengths 128 --variants fused \
+            --peer-timeout 450 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
         ;;
     mix)
         step checkpoint 120 python3 -c "$CHECKPOINT"
