@@ -59,9 +59,10 @@ WORKDIR /opt/onegpu/src
 
 # 1. Pinned dependencies, before any code: rebuilt only when pyproject.toml, the steps script or
 #    EXTRAS change. train = quantize (gptqmodel: 8-bit GPTQ inference, `onegpu quantize`) plus
-#    bitsandbytes (`onegpu train`), so one image serves, quantizes and trains. EXTRAS=quantize
-#    drops the trainer; EXTRAS="" serves 16-bit models only.
-ARG EXTRAS=train
+#    bitsandbytes (`onegpu train`), so one image serves, quantizes and trains; cuda = Liger's
+#    Triton kernels for the fused decode step. EXTRAS="quantize cuda" drops the trainer;
+#    EXTRAS=cuda serves 16-bit models only.
+ARG EXTRAS="train cuda"
 COPY pyproject.toml ./
 COPY scripts/docker-steps scripts/
 RUN scripts/docker-steps deps --extras "${EXTRAS}"

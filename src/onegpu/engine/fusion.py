@@ -108,7 +108,10 @@ def pick_ops(device: torch.device) -> type[TorchOps] | type[LigerOps]:
     try:
         import liger_kernel.ops.rms_norm  # noqa: F401
     except ImportError:
-        log.warning("liger-kernel is not installed: norms and rotary run as eager ops")
+        log.warning(
+            "liger-kernel is not installed (pip install 'onegpu[cuda]'): norms and rotary run "
+            "as eager ops, slower"
+        )
         return TorchOps
     return LigerOps
 
