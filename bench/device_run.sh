@@ -64,6 +64,11 @@ t = make_tokenizer(WORDS); shape = dict(QWEN_14B); shape['vocab_size'] = max(sha
 folder = Path('$CKPT/gptq8-qwen14b')
 (folder / 'config.json').exists() or build_checkpoint(folder, shape, t)"
 
+ready() {  # the 14B checkpoint (kept on a warm machine) and the Marlin build, before timing
+    step checkpoint 120 python3 -c "$CHECKPOINT"
+    wait_marlin
+}
+
 for phase in "$@"; do
     case $phase in
     tests)
@@ -71,50 +76,43 @@ for phase in "$@"; do
         step cuda-tests 330 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider
         ;;
     decode)
-        step checkpoint 120 python3 -c "$CHECKPOINT"
-        wait_marlin
+        ready
         step decode 300 python3 bench/decode.py --prompt-lengths 128 --variants fused,unfused \
             --profile --no-transformers --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
         step fusion-check 90 python3 bench/fusion_check.py --out "$OUT"
         ;;
     unfused)
-        step checkpoint 120 python3 -c "$CHECKPOINT"
-        wait_marlin
+        ready
         step decode-unfused 150 python3 bench/decode.py --prompt-lengths 128 --variants unfused \
             --no-transformers --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT/unfused"
         ;;
     final)  # tests first (the GPTQ ones wait for Marlin, so they run last), then decode.py
         step cuda-tests 200 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider -k "not gptq"
-        step checkpoint 120 python3 -c "$CHECKPOINT"
-        wait_marlin
+        ready
         step decode 150 python3 bench/decode.py --prompt-lengths 128 --variants fused --profile \
             --no-transformers --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
         step cuda-tests-gptq 120 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider -k gptq
         ;;
     mixfused)
-        step checkpoint 120 python3 -c "$CHECKPOINT"
-        wait_marlin
+        ready
         step mix-fused 150 python3 bench/helm_mix.py --label fused --baseline-samples 0 \
             --checkpoint "$CKPT" --out "$OUT"
         ;;
     peer)
-        step checkpoint 120 python3 -c "$CHECKPOINT"
-        wait_marlin
+        ready
         # torch.compile of the GPTQ model had not finished after 240 s (2026-11-29): give it more.
         step peer 560 python3 bench/decode.py --prompt-lengths 128 --variants fused \
             --peer-timeout 450 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
         ;;
     mix)
-        step checkpoint 120 python3 -c "$CHECKPOINT"
-        wait_marlin
+        ready
         step mix-after 200 python3 bench/helm_mix.py --label after --baseline-samples 0 \
             --checkpoint "$CKPT" --out "$OUT"
         step mix-before 200 env PYTHONPATH=".old/src:$PYTHONPATH" python3 bench/helm_mix.py \
             --label before --baseline-samples 0 --checkpoint "$CKPT" --out "$OUT"
         ;;
     variants)
-        step checkpoint 120 python3 -c "$CHECKPOINT"
-        wait_marlin
+        ready
         step mix-default 120 python3 bench/helm_mix.py --label default --baseline-samples 0 \
             --checkpoint "$CKPT" --out "$OUT"
         step mix-chunk2048 90 python3 bench/helm_mix.py --label chunk2048 --orders helm \
@@ -125,11 +123,11 @@ for phase in "$@"; do
             --checkpoint "$CKPT" --out "$OUT"
         ;;
     speed)
-        step checkpoint 120 python3 -c "$CHECKPOINT"
-        wait_marlin
+        ready
         step mix-baseline 300 python3 bench/helm_mix.py --label after-baseline \
             --baseline-samples 1 --checkpoint "$CKPT" --out "$OUT"
-        step decode 200 python3 bench/decode.py --prompt-lengths 128 --out "$OUT"
+        step decode 200 python3 bench/decode.py --prompt-lengths 128 \
+            --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
         ;;
     *)
         echo "unknown phase $phase" >&2

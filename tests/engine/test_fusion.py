@@ -61,13 +61,10 @@ def test_unknown_layouts_run_as_loaded():
     assert [name for name, _ in model.named_modules()] == before
 
 
-def _dtype(device: str) -> torch.dtype:
-    return torch.float16 if device == "cuda" else torch.float32
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_tiny_qwen2_gives_the_same_logits_and_tokens(device):
-    model = tiny_qwen2(vocab_size=1000).to(device, _dtype(device))
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    model = tiny_qwen2(vocab_size=1000).to(device, dtype)
     fused = copy.deepcopy(model)
     report = fuse(fused)
     assert report is not None and report.layers == 2 and report.gemms_saved == 6
