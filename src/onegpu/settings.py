@@ -69,7 +69,9 @@ class ServeSettings(JobSettings):
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8080, ge=1, le=65535, description="port to listen on (the container uses 80)")
     model: str | None = Field(
-        ENGINE.model, description="local folder or hub id; none serves the embedded SmolLM2-135M"
+        ENGINE.model,
+        description="local folder, hub id or Llama/Qwen2 .gguf file; none serves the embedded "
+        "SmolLM2-135M",
     )
     revision: str | None = Field(ENGINE.revision, description="hub revision (branch, tag, commit)")
     adapter: str | None = Field(
@@ -154,7 +156,8 @@ class QuantizeSettings(JobSettings):
 
     model: str = Field(
         "Qwen/Qwen-14B",
-        description="hub id or local folder; Qwen v1 is first converted to the Qwen2 layout",
+        description="hub id, local folder or Llama/Qwen2 .gguf file; Qwen v1 is first converted "
+        "to the Qwen2 layout",
     )
     output: Path = Field(description="folder to write the checkpoint to")
     revision: str | None = Field(None, description="hub revision (branch, tag, commit)")

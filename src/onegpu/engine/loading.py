@@ -22,6 +22,7 @@ from onegpu.engine.gptq_layers import load_quantized_head
 from onegpu.engine.kvcache import bytes_per_token
 from onegpu.engine.types import ModelInfo
 from onegpu.errors import UserError
+from onegpu.gguf import converted, is_gguf
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ def load_engine(config: EngineConfig) -> Engine:
     if config.model is None:
         source: str | Path = embedded_model_dir()
         name = EMBEDDED_NAME
+    elif is_gguf(config.model):
+        source, name = converted(config.model), config.model
     else:
         source, name = config.model, config.model
     local = Path(source).is_dir()

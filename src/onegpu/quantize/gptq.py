@@ -32,6 +32,8 @@ import torch
 from onegpu.device import resolve_device, resolve_dtype
 from onegpu.engine.gptq_layers import load_quantized_head
 from onegpu.errors import OutputExistsError, UserError
+from onegpu.gguf import converted as gguf_folder
+from onegpu.gguf import is_gguf
 from onegpu.provenance import Phases, new_record, write_record
 from onegpu.quantize.calibration import (
     WIKITEXT2,
@@ -232,13 +234,14 @@ class _Prepared:
 def quantize(settings: QuantizeSettings) -> Path:
     """Quantize a causal LM with GPTQ and write a transformers/vLLM-loadable checkpoint.
 
-    ``settings.model`` is a Hub id or a local folder; a Qwen v1 checkpoint is first converted to
-    the native Qwen2 layout in ``settings.converted`` (default ``<output>.qwen2``, kept and
-    reused). Calibration is ``samples`` random windows of ``seq_len`` tokens from
-    ``calibration`` ("wikitext2": the ``calibration_split`` of WikiText-2 raw through
-    ``datasets``; or a local .txt/.jsonl file), drawn with ``seed``. Quantization is per group of
-    ``group_size`` input channels, symmetric by default, without act-order, with Hessian damping
-    ``damp_percent`` (GPTQ's 0.01, as the 2023 entry used).
+    ``settings.model`` is a Hub id, a local folder or a Llama/Qwen2 GGUF file (converted once into
+    the cache, `onegpu.gguf`); a Qwen v1 checkpoint is first converted to the native Qwen2 layout
+    in ``settings.converted`` (default ``<output>.qwen2``, kept and reused). Calibration is
+    ``samples`` random windows of ``seq_len`` tokens from ``calibration`` ("wikitext2": the
+    ``calibration_split`` of WikiText-2 raw through ``datasets``; or a local .txt/.jsonl file),
+    drawn with ``seed``. Quantization is per group of ``group_size`` input channels, symmetric by
+    default, without act-order, with Hessian damping ``damp_percent`` (GPTQ's 0.01, as the 2023
+    entry used).
 
     Perplexity on ``eval_data`` (WikiText-2 test by default, or a local file; None skips it) is
     measured before and after, over windows of ``eval_max_length`` tokens every ``eval_stride``
@@ -259,8 +262,11 @@ def quantize(settings: QuantizeSettings) -> Path:
         raise OutputExistsError(f"{output} exists and is not empty: pass --overwrite to replace it")
     from onegpu.quantize.qwen_v1 import native_checkpoint
 
-    converted = settings.converted or output.with_name(output.name + ".qwen2")
-    model, revision = native_checkpoint(settings.model, settings.revision, converted)
+    if is_gguf(settings.model):
+        model, revision = gguf_folder(settings.model), None
+    else:
+        converted = settings.converted or output.with_name(output.name + ".qwen2")
+        model, revision = native_checkpoint(settings.model, settings.revision, converted)
     device = resolve_device(settings.device)
     if device.type == "cuda" and device.index is None:
         # accelerate's max_memory names GPUs by index.
