@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_14b import QWEN_14B, WORDS, build_checkpoint, make_tokenizer  # noqa: E402
 
-VARIANTS = {"fused": {}, "unfused": {"fuse": False}}
+VARIANTS = {"fused": {}, "unfused": {"fuse": False}, "deterministic": {"deterministic": True}}
 
 
 def copy_bandwidth(gib: float = 4.0, iters: int = 20) -> float:

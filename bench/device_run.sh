@@ -10,6 +10,10 @@
 #                                     # (nearly a whole call: run it alone on a warm machine)
 #   bash bench/device_run.sh mixfused # helm_mix with the defaults (fused projections and kernels)
 #   bash bench/device_run.sh final    # CUDA tests, then decode.py (fused, with the profile)
+#   bash bench/device_run.sh determinism  # CUDA tests of the batch-invariant kernels, then
+#                                         # decode.py fused (Marlin) vs deterministic
+#   bash bench/device_run.sh detmix   # helm_mix: default, --deterministic, int8 KV (interleaved)
+#   bash bench/device_run.sh detload  # load.py 5 min, 30 clients, against serve --deterministic
 #   bash bench/device_run.sh tests mix
 #
 # Needs .whl (see scripts/device-setup) and, for `mix`, .old/src (git archive OLD src | tar -x
@@ -129,11 +133,34 @@ for phase in "$@"; do
         step decode 200 python3 bench/decode.py --prompt-lengths 128 \
             --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
         ;;
+    determinism)
+        step cuda-tests-invariant 240 python3 -m pytest tests/engine/test_invariant.py \
+            tests/engine/test_batching.py tests/engine/test_attention.py -m cuda -q -p no:cacheprovider
+        ready
+        step decode-det 330 python3 bench/decode.py --prompt-lengths 128,1024 \
+            --variants fused,deterministic --profile --no-transformers \
+            --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
+        ;;
+    detmix)
+        ready
+        step mix-default 150 python3 bench/helm_mix.py --label default --baseline-samples 0 \
+            --checkpoint "$CKPT" --out "$OUT"
+        step mix-det 220 python3 bench/helm_mix.py --label deterministic --baseline-samples 0 \
+            --engine-args '{"deterministic": true}' --checkpoint "$CKPT" --out "$OUT"
+        step mix-int8 100 python3 bench/helm_mix.py --label int8 --orders interleaved \
+            --baseline-samples 0 --engine-args '{"kv_cache_dtype": "int8"}' \
+            --checkpoint "$CKPT" --out "$OUT"
+        ;;
+    detload)
+        step checkpoint 120 python3 -c "$CHECKPOINT"
+        step load-det 500 python3 bench/load.py --minutes 5 --clients 30 --out "$OUT/load-det" \
+            --serve-args "--model $CKPT/gptq8-qwen14b --deterministic --gpu-memory-gib 24"
+        ;;
     *)
         echo "unknown phase $phase" >&2
         exit 2
         ;;
     esac
 done
-grep -E "^(===|helm-mix|helm:|interleaved:|by scenario| +(onegpu|after|before|generate|fused|unfused)|[0-9 ]+ +[0-9.]+ |profile|prompt|transformers|fusion check|.*(passed|failed))" \
+grep -E "^(===|helm-mix|helm:|interleaved:|by scenario| +(onegpu|after|before|generate|fused|unfused|deterministic|default|int8)|[0-9]+ requests from|[0-9 ]+ +[0-9.]+ |profile|prompt|transformers|fusion check|.*(passed|failed))" \
     "$LOG" | tail -70

@@ -2,15 +2,18 @@
 
     python bench/load.py --minutes 3                       # starts `onegpu serve` (embedded model)
     python bench/load.py --base-url http://127.0.0.1:8080  # an already running server
+    python bench/load.py --serve-args "--model M --deterministic --gpu-memory-gib 24"
 
 Every client loops over a mix of request shapes (1-token multiple choice with 5 alternatives,
 64 tokens with no stop, a "\\n\\n" stop, sampling at temperature 0.3 with a seed, echo with no new
 tokens). Greedy and seeded requests are deterministic, so each answer is compared with the first
 answer seen for the same body (see `compare`): an answer that differs from its first token, or
 whose logprobs disagree, was mixed up; one that agrees and later parts at a near-tie (fp16
-rounding in another batch) is counted apart as diverged. The server's resident
-memory is sampled every few seconds (when this script started it). Prints a table last and writes
-load.json to --out. Bounded in time and count; it only talks to the URL it is given.
+rounding in another batch) is counted apart as diverged; any answer not bit-identical to the
+first (text and every logprob) is counted as inexact, which `--deterministic` must keep at 0. The
+server's resident memory is sampled every few seconds (when this script started it). Prints a
+table last and writes load.json to --out. Bounded in time and count; it only talks to the URL it
+is given.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import signal
 import socket
 import statistics
@@ -127,6 +131,7 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=3.0)
     parser.add_argument("--max-requests", type=int, default=100_000)
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    parser.add_argument("--serve-args", default="", help="extra `onegpu serve` flags")
     parser.add_argument(
         "--logprob-tolerance",
         type=float,
@@ -152,6 +157,7 @@ def main() -> int:
                 str(port),
                 "--log-level",
                 "WARNING",
+                *shlex.split(args.serve_args),
             ],
             start_new_session=True,
         )
@@ -172,6 +178,7 @@ def run(url: str, server: subprocess.Popen | None, args: argparse.Namespace) -> 
     outcomes: dict[str, int] = {}
     mixed: list[int] = []
     diverged: list[int] = []
+    inexact: list[int] = []
     memory: list[int] = []
     stop_at = time.monotonic() + args.minutes * 60
     count = 0
@@ -201,6 +208,8 @@ def run(url: str, server: subprocess.Popen | None, args: argparse.Namespace) -> 
                         tokens = [(t["text"], t["logprob"]) for t in body["tokens"]]
                         first.setdefault(index, tokens)
                         verdict = compare(first[index], tokens, args.logprob_tolerance)
+                        if tokens != first[index]:
+                            inexact.append(index)
                         if verdict == "mixed":
                             mixed.append(index)
                         elif verdict == "diverged":
@@ -231,6 +240,7 @@ def run(url: str, server: subprocess.Popen | None, args: argparse.Namespace) -> 
         "failures": failures,
         "mixed_up": len(mixed),
         "diverged_after_agreeing": len(diverged),
+        "not_bit_identical": len(inexact),
         "logprob_tolerance": args.logprob_tolerance,
         "requests_per_s": ok / elapsed,
         "p50_s": statistics.median(latencies) if latencies else None,
@@ -246,7 +256,7 @@ def run(url: str, server: subprocess.Popen | None, args: argparse.Namespace) -> 
     print(
         f"\n{result['requests']} requests from {args.clients} clients in {elapsed:.0f} s: "
         f"{failures} failed, {len(mixed)} mixed up, {len(diverged)} diverged after agreeing, "
-        f"{result['requests_per_s']:.2f} req/s"
+        f"{len(inexact)} not bit-identical, {result['requests_per_s']:.2f} req/s"
     )
     return 1 if failures or mixed else 0
 

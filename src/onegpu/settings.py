@@ -128,6 +128,11 @@ class ServeSettings(JobSettings):
         ENGINE.prefix_cache,
         description="share the KV blocks of identical prompt prefixes between requests",
     )
+    deterministic: bool = Field(
+        ENGINE.deterministic,
+        description="batch-invariant kernels: a greedy answer is bit-identical alone or among "
+        "others, cached or not (costs speed; see the README)",
+    )
     max_queue: int = Field(256, ge=1, description="requests allowed to wait; more get 503")
     request_timeout_s: float = Field(
         1800, gt=0, description="a request still unanswered after this gets 503 and is dropped"

@@ -32,3 +32,5 @@ class EngineConfig:
     # waiting for up to 2,048 prompt tokens.
     prefill_chunk: int = 2048
     prefix_cache: bool = True
+    # Batch-invariant kernels: a greedy answer bit-identical whatever shares its batch.
+    deterministic: bool = False

@@ -79,12 +79,14 @@ class Forward:
         max_batch: int,
         graphs: bool,
         triton: bool,
+        invariant: bool = False,
     ) -> None:
         install(model)
         self.model = model
         self.cache = cache
         self.device = next(model.parameters()).device
         self.triton = triton
+        self.invariant = invariant
         self.graphs = graphs and self.device.type == "cuda"
         self.buckets = batch_buckets(max_batch)
         self.width = -(-max_context // cache.block_size)  # table columns
@@ -96,6 +98,11 @@ class Forward:
         self._slots = torch.zeros(rows, dtype=torch.int64, device=self.device)
         self._lengths = torch.zeros(rows, dtype=torch.int32, device=self.device)
         self._tables = torch.zeros(rows, self.width, dtype=torch.int32, device=self.device)
+        # Invariant decode on Triton runs the prefill kernel, each row a chunk of one query.
+        self._query_start = torch.arange(rows + 1, dtype=torch.int32, device=self.device)
+        self._tiles = torch.stack(
+            [self._query_start[:-1], torch.zeros_like(self._query_start[:-1])], 1
+        )
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
 
@@ -134,6 +141,7 @@ class Forward:
             query_start=torch.tensor(starts, dtype=torch.int32, device=device),
             tiles=torch.tensor(tiles, dtype=torch.int32, device=device).view(-1, 2),
             triton=self.triton,
+            invariant=self.invariant,
             host_lengths=lengths,
             host_query_start=starts,
             keys=[chunk.key for chunk in chunks],
@@ -208,7 +216,10 @@ class Forward:
             slots=self._slots[:size],
             tables=self._tables[:size],
             lengths=self._lengths[:size],
+            query_start=self._query_start[: size + 1],
+            tiles=self._tiles[:size],
             triton=self.triton,
+            invariant=self.invariant,
             host_lengths=host_lengths,
             keys=keys,
         )

@@ -25,6 +25,7 @@ from onegpu.engine.blocks import BlockPool
 from onegpu.engine.config import EngineConfig
 from onegpu.engine.detokenize import IncrementalDetokenizer, token_pieces
 from onegpu.engine.forward import Chunk, Forward, Row
+from onegpu.engine.invariant import make_invariant
 from onegpu.engine.kvcache import PagedKVCache
 from onegpu.engine.schedule import Scheduler
 from onegpu.engine.scoring import choose, echo_tokens, prompt_scores, score
@@ -78,6 +79,7 @@ class Engine:
         cuda_graphs: bool = DEFAULTS.cuda_graphs,
         prefix_cache: bool = DEFAULTS.prefix_cache,
         kv_dtype: str = DEFAULTS.kv_cache_dtype,
+        deterministic: bool = DEFAULTS.deterministic,
         triton: bool | None = None,
     ) -> None:
         self.model = model
@@ -105,6 +107,8 @@ class Engine:
             triton = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
             if self.device.type == "cuda" and not triton:
                 log.warning("triton is not installed: attention gathers blocks (slower)")
+        if deterministic:
+            make_invariant(model)
         self.forward = Forward(
             model,
             self.cache,
@@ -112,6 +116,7 @@ class Engine:
             max_batch=max_batch,
             graphs=cuda_graphs,
             triton=triton,
+            invariant=deterministic,
         )
         self._keys = 0
         self._clean_since_oom = 0

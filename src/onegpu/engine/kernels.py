@@ -184,7 +184,8 @@ def _prefill(
         total = total * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
-    out = acc / total[:, None]
+    # A padding row (length 0) saw nothing: 0, not 0 / 0. Any real row has total >= 1.
+    out = acc / tl.maximum(total, 1e-30)[:, None]
     tl.store(
         OUT + (begin + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :],
         out.to(OUT.dtype.element_ty),

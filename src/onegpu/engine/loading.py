@@ -61,11 +61,15 @@ def check_quantization(quantization: dict) -> None:
         )
 
 
-def _gptq_kwargs(quantization: dict, device: torch.device) -> dict:
-    """from_pretrained arguments for a GPTQ checkpoint: Marlin on CUDA, the torch kernel on CPU."""
+def _gptq_kwargs(quantization: dict, device: torch.device, *, deterministic: bool = False) -> dict:
+    """from_pretrained arguments for a GPTQ checkpoint: Marlin on CUDA, the torch kernel on CPU.
+
+    Deterministic serving keeps GPTQ's own packing (the torch kernel's layout), which the
+    batch-invariant kernels read; Marlin repacks it for its own tiles.
+    """
     from transformers import GPTQConfig
 
-    backend = "marlin" if device.type == "cuda" else "torch"
+    backend = "marlin" if device.type == "cuda" and not deterministic else "torch"
     return {
         "quantization_config": GPTQConfig(
             bits=quantization["bits"],
@@ -102,7 +106,7 @@ def load_engine(config: EngineConfig) -> Engine:
     quant_label = None
     if quantization:
         check_quantization(quantization)
-        kwargs.update(_gptq_kwargs(quantization, device))
+        kwargs.update(_gptq_kwargs(quantization, device, deterministic=config.deterministic))
         quant_label = f"gptq-{quantization['bits']}bit"
 
     log.warning("loading model %s on %s (%s)", name, device, str(dtype).removeprefix("torch."))
@@ -166,6 +170,7 @@ def load_engine(config: EngineConfig) -> Engine:
         cuda_graphs=config.cuda_graphs,
         prefix_cache=config.prefix_cache,
         kv_dtype=config.kv_cache_dtype,
+        deterministic=config.deterministic,
     )
     start = time.perf_counter()
     engine.warmup()
