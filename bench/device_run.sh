@@ -12,7 +12,7 @@
 #   bash bench/device_run.sh final    # CUDA tests, then decode.py (fused, with the profile)
 #   bash bench/device_run.sh determinism  # CUDA tests of the batch-invariant kernels, then
 #                                         # decode.py fused (Marlin) vs deterministic
-#   bash bench/device_run.sh detmix   # helm_mix: default, --deterministic, int8 KV (interleaved)
+#   bash bench/device_run.sh detmix   # helm_mix: --deterministic, then the default
 #   bash bench/device_run.sh detload  # load.py 5 min, 30 clients, against serve --deterministic
 #   bash bench/device_run.sh tests mix
 #
@@ -141,14 +141,12 @@ for phase in "$@"; do
             --variants fused,deterministic --profile --no-transformers \
             --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
         ;;
-    detmix)
-        ready
-        step mix-default 150 python3 bench/helm_mix.py --label default --baseline-samples 0 \
-            --checkpoint "$CKPT" --out "$OUT"
+    detmix)  # deterministic first: it needs no Marlin, which builds meanwhile
+        step checkpoint 120 python3 -c "$CHECKPOINT"
         step mix-det 220 python3 bench/helm_mix.py --label deterministic --baseline-samples 0 \
             --engine-args '{"deterministic": true}' --checkpoint "$CKPT" --out "$OUT"
-        step mix-int8 100 python3 bench/helm_mix.py --label int8 --orders interleaved \
-            --baseline-samples 0 --engine-args '{"kv_cache_dtype": "int8"}' \
+        wait_marlin
+        step mix-default 150 python3 bench/helm_mix.py --label default --baseline-samples 0 \
             --checkpoint "$CKPT" --out "$OUT"
         ;;
     detload)

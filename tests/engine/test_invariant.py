@@ -233,3 +233,17 @@ def test_a_loaded_gptq_layer_computes_the_same_through_the_invariant_kernel(tmp_
     assert expected.abs().max() > 0.1
     # A zero point off by one (v1 read as v2) would move outputs by several percent.
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-3 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_log_softmax_kernel_scores_each_row_alike_whatever_the_rows(device):
+    from onegpu.engine import invariant_kernels
+
+    torch.manual_seed(0)
+    logits = (torch.randn(6, 5000) * 8).to(device, torch.float16)
+    logits[1, 7] = 60.0  # a peaked row, as real logits are
+    out = invariant_kernels.log_softmax(logits)
+    torch.testing.assert_close(out, torch.log_softmax(logits.float(), -1), atol=1e-5, rtol=1e-5)
+    for rows in (1, 2, 5):
+        assert torch.equal(invariant_kernels.log_softmax(logits[:rows]), out[:rows])
+    assert torch.equal(invariant_kernels.log_softmax(logits[3:4])[0], out[3])

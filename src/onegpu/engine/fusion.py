@@ -14,6 +14,7 @@ differ (act-order checkpoints).
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,6 +278,9 @@ def fuse(model: torch.nn.Module, *, checkpoint: Path | None = None) -> Fusion | 
             module.forward = MethodType(forward, module)
         saved += 3
     if device.type == "cuda":
+        # GPTQModel's torch-kernel layers hold a reference to themselves: only the collector
+        # frees the replaced ones (else their GPU memory stays taken until it runs).
+        gc.collect()
         torch.cuda.empty_cache()
     fusion = Fusion(layers=saved // 3, gemms_saved=saved, kernels=ops.name)
     log.warning(

@@ -107,6 +107,7 @@ class Engine:
             triton = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
             if self.device.type == "cuda" and not triton:
                 log.warning("triton is not installed: attention gathers blocks (slower)")
+        self.invariant = deterministic
         if deterministic:
             make_invariant(model)
         self.forward = Forward(
@@ -366,7 +367,14 @@ class Engine:
         for (seq, count), chunk, logits in zip(work, chunks, outputs, strict=True):
             if seq.echo and not seq.scored and logits is not None:
                 k = seq.request.top_k_per_token
-                scores = prompt_scores(seq.prompt_ids, chunk.start, logits, k, self.text.piece)
+                scores = prompt_scores(
+                    seq.prompt_ids,
+                    chunk.start,
+                    logits,
+                    k,
+                    self.text.piece,
+                    invariant=self.invariant,
+                )
                 seq.prompt_scores += scores
             self.scheduler.computed(seq, count)
             if seq.computed == seq.target and not seq.scored:
@@ -395,7 +403,7 @@ class Engine:
         """Choose, score and record the next token of each of `seqs` from its logits [n, V]."""
         chosen = choose(logits, seqs)  # [n] on the device
         k = max(seq.request.top_k_per_token for seq in seqs)
-        scored: list[Scored] = score(logits, chosen, k, self.text.piece)
+        scored: list[Scored] = score(logits, chosen, k, self.text.piece, invariant=self.invariant)
         now = time.perf_counter()
         for seq, item in zip(seqs, scored, strict=True):
             if seq.first_token_at is None:

@@ -21,6 +21,7 @@ was prefilled in. Norms, rotary and sampling already work row by row.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 
 import torch
@@ -106,5 +107,8 @@ def make_invariant(model: torch.nn.Module) -> int:
                 except ValueError as exc:  # a layer the invariant kernels cannot compute
                     raise DeterminismError(str(exc)) from None
                 swapped += 1
+    if device.type == "cuda":
+        gc.collect()  # the replaced GPTQ layers hold a reference to themselves
+        torch.cuda.empty_cache()
     log.warning("deterministic: %d projections made batch-invariant (%s)", swapped, device.type)
     return swapped

@@ -7,6 +7,7 @@ output element over the same K-blocks in the same order, whatever M is. Rows run
 BLOCK_M; a tile's rows never mix.
 
 - `dense`: x [M, K] @ weight [N, K]^T (+ bias), fp16/bf16, for plain Linear layers and lm_head.
+- `log_softmax`: one program per row (torch's kernel is not row-invariant on an H100).
 - `gptq`: the same with GPTQ-packed weights (4 or 8 bits, symmetric or not, no act-order):
   qweight [K * bits / 32, N] int32, qzeros [K / group, N * bits / 32] int32 (zero points as
   stored by GPTQModel's torch kernel, the "v2" format), scales [K / group, N]. Each K-block lies
@@ -142,6 +143,39 @@ def gptq(
         x.contiguous(), qweight, qweight.shape[1], bias=bias, qzeros=qzeros, scales=scales,
         bits=bits, group=group_size,
     )  # fmt: skip
+
+
+@triton.jit
+def _log_softmax(X, OUT, V, stride_x, stride_o, BLOCK: tl.constexpr):
+    # One program per row, its blocks in order: a row's numbers never depend on other rows
+    # (torch's own kernel gave a row different last bits in a batch of 2 than alone).
+    row = tl.program_id(0).to(tl.int64)
+    lanes = tl.arange(0, BLOCK)
+    top = tl.full([BLOCK], float("-inf"), tl.float32)
+    for start in range(0, V, BLOCK):
+        x = tl.load(X + row * stride_x + start + lanes, mask=start + lanes < V, other=float("-inf"))
+        top = tl.maximum(top, x.to(tl.float32))
+    peak = tl.max(top, axis=0)
+    total = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, V, BLOCK):
+        x = tl.load(X + row * stride_x + start + lanes, mask=start + lanes < V, other=float("-inf"))
+        total += tl.exp(x.to(tl.float32) - peak)
+    norm = peak + tl.log(tl.sum(total, axis=0))
+    for start in range(0, V, BLOCK):
+        x = tl.load(X + row * stride_x + start + lanes, mask=start + lanes < V, other=0.0)
+        tl.store(
+            OUT + row * stride_o + start + lanes, x.to(tl.float32) - norm, mask=start + lanes < V
+        )
+
+
+def log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits [T, V] -> float32 log-softmax [T, V], each row computed alike whatever T."""
+    logits = logits.contiguous()
+    out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    _log_softmax[(logits.shape[0],)](
+        logits, out, logits.shape[1], logits.stride(0), out.stride(0), BLOCK=4096
+    )
+    return out
 
 
 class InvariantLinear(torch.nn.Module):

@@ -22,14 +22,22 @@ class Gathered:
     top_ids: torch.Tensor  # [T, k] long
 
 
-def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int) -> Gathered:
+def gather_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, k: int, *, invariant: bool = False
+) -> Gathered:
     """Score `targets` under `logits`, and list the `k` most likely tokens at each position.
 
     logits: [T, V] raw model output; targets: [T] token ids (on the logits' device or not).
     Everything is computed where the logits are and copied to the host in one transfer: the
-    decode loop's only wait for the GPU. All values are finite.
+    decode loop's only wait for the GPU. All values are finite. `invariant`: each row's numbers
+    do not depend on the other rows (--deterministic; on CUDA, a Triton kernel per row).
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)  # [T, V]
+    if invariant and logits.is_cuda:
+        from onegpu.engine.invariant_kernels import log_softmax
+
+        logp = log_softmax(logits)  # [T, V]
+    else:
+        logp = torch.log_softmax(logits.float(), dim=-1)  # [T, V]
     logp = torch.nan_to_num(logp, nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR).clamp_min(LOGPROB_FLOOR)
     targets = targets.to(logp.device).long()
     chosen = logp.gather(-1, targets.unsqueeze(-1))  # [T, 1]

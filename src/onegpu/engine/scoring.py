@@ -46,13 +46,18 @@ def choose(logits: torch.Tensor, seqs: Sequence[Running]) -> torch.Tensor:
 
 
 def score(
-    logits: torch.Tensor, targets: torch.Tensor, k: int, token_text: Callable[[int], str]
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    k: int,
+    token_text: Callable[[int], str],
+    *,
+    invariant: bool = False,
 ) -> list[Scored]:
     """Score `targets` [T] under `logits` [T, V]: raw logprob and the k best per position."""
     scored = []
     for begin in range(0, len(targets), SCORE_CHUNK):
         end = begin + SCORE_CHUNK
-        got = gather_logprobs(logits[begin:end], targets[begin:end], k)
+        got = gather_logprobs(logits[begin:end], targets[begin:end], k, invariant=invariant)
         for t, token_id in enumerate(got.targets.tolist()):
             top: dict[str, float] = {}
             for value, alt in zip(got.top_values[t].tolist(), got.top_ids[t].tolist(), strict=True):
@@ -67,6 +72,8 @@ def prompt_scores(
     logits: torch.Tensor,
     k: int,
     token_text: Callable[[int], str],
+    *,
+    invariant: bool = False,
 ) -> list[Scored]:
     """Scores of the prompt tokens that the logits at positions start.. [T, V] predict.
 
@@ -76,7 +83,7 @@ def prompt_scores(
     targets = prompt_ids[start + 1 : start + 1 + len(logits)]
     if not targets:
         return []
-    return score(logits[: len(targets)], torch.tensor(targets), k, token_text)
+    return score(logits[: len(targets)], torch.tensor(targets), k, token_text, invariant=invariant)
 
 
 def echo_tokens(pieces: list[str], scores: list[Scored]) -> list[TokenInfo]:
