@@ -218,7 +218,7 @@ def run_onegpu(engine, requests: list[dict], clients: int, *, by_scenario: bool)
                 tokens += len(response.json()["tokens"])
 
         client.post("/process", json={"prompt": "warm up", "max_new_tokens": 2})
-        reused_before = engine.reused_tokens
+        reused_before = engine.scheduler.reused_tokens
         with Peaks(engine) as peaks:
             start = time.perf_counter()
             for group in groups:
@@ -230,7 +230,7 @@ def run_onegpu(engine, requests: list[dict], clients: int, *, by_scenario: bool)
                 )
             seconds = time.perf_counter() - start
     result = summarize(latencies, tokens, seconds, len(failures))
-    reused = engine.reused_tokens - reused_before
+    reused = engine.scheduler.reused_tokens - reused_before
     result |= {
         "clients": clients,
         "peak_gpu_gib": peaks.gpu_gib,

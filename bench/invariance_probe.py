@@ -111,6 +111,7 @@ def engine_alone_vs_together() -> None:
 
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
+    from onegpu.engine.config import EngineConfig
     from onegpu.engine.generate import Engine
     from onegpu.engine.types import GenerationRequest, ModelInfo
 
@@ -128,8 +129,11 @@ def engine_alone_vs_together() -> None:
             model.lm_head.weight.mul_(50)
         model = model.to("cuda", torch.float16)
         info = ModelInfo("tiny", "cuda", "float16", 256, len(tokenizer))
-        engine = Engine(model, tokenizer, info=info, num_blocks=18, prefill_chunk=16,
-                        default_stop=(), deterministic=True, cuda_graphs=graphs)  # fmt: skip
+        config = EngineConfig(
+            max_context=256, prefill_chunk=16, default_stop=(), deterministic=True,
+            cuda_graphs=graphs,
+        )  # fmt: skip
+        engine = Engine(model, tokenizer, config, info=info, num_blocks=18)
         prompts = [
             "The quick brown fox jumps over the lazy dog because",
             "x",
@@ -141,8 +145,8 @@ def engine_alone_vs_together() -> None:
 
         def recording(seqs, logits, advance=advance, rows=rows):
             for i, seq in enumerate(seqs):
-                if len(seq.scored) == 0:
-                    rows.append((seq.request.prompt, logits[i].detach().clone()))
+                if not seq.generated:
+                    rows.append((seq.output.request.prompt, logits[i].detach().clone()))
             return advance(seqs, logits)
 
         engine._advance = recording

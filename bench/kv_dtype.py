@@ -56,12 +56,17 @@ def requests():
 
 
 def compare(model, tokenizer, info, label: str) -> dict:
+    from onegpu.engine.config import EngineConfig
     from onegpu.engine.generate import Engine
     from onegpu.engine.kvcache import bytes_per_token
 
     engines = {
         dtype: Engine(
-            model, tokenizer, info=info, num_blocks=4 * 128 + 1, kv_dtype=dtype, default_stop=()
+            model,
+            tokenizer,
+            EngineConfig(kv_cache_dtype=dtype, default_stop=(), max_context=info.max_context),
+            info=info,
+            num_blocks=4 * 128 + 1,
         )
         for dtype in ("auto", "int8")
     }

@@ -28,6 +28,7 @@ def main() -> int:
     args = parser.parse_args()
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
+    from onegpu.engine.config import EngineConfig
     from onegpu.engine.generate import Engine
     from onegpu.engine.types import GenerationRequest, ModelInfo
 
@@ -52,7 +53,8 @@ def main() -> int:
         model = Qwen2ForCausalLM(config).to(dtype).eval()
     info = ModelInfo("probe", str(device), str(dtype), 2048, len(tokenizer))
     # Four full contexts of KV blocks: memory is not what this measures.
-    engine = Engine(model, tokenizer, info=info, num_blocks=4 * 2048 // 16 + 1, default_stop=())
+    config = EngineConfig(default_stop=())
+    engine = Engine(model, tokenizer, config, info=info, num_blocks=4 * 2048 // 16 + 1)
     prompt = "The quick brown fox jumps over the lazy dog. " * 12
     n = args.new_tokens
     request = GenerationRequest(prompt=prompt, max_new_tokens=n, min_new_tokens=n, temperature=0)

@@ -14,6 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from onegpu.engine.config import EngineConfig  # noqa: E402
 from onegpu.engine.generate import Engine  # noqa: E402
 from onegpu.engine.types import ModelInfo  # noqa: E402
 
@@ -101,22 +102,25 @@ def make_engine(
     tokenizer,
     *,
     device: str = "cpu",
-    max_context: int = 2048,
-    block_size: int = 16,
     contexts: int = 4,
-    **kwargs,
+    num_blocks: int | None = None,
+    triton: bool | None = None,
+    **config,
 ) -> Engine:
-    """An Engine over `model` with a pool of `contexts` full contexts (as `serve` plans a CPU)."""
+    """An Engine over `model` with a pool of `contexts` full contexts (as `serve` plans a CPU);
+    `config` sets EngineConfig fields (max_context, max_batch, deterministic, ...)."""
     model = model.to(device)
+    settings = EngineConfig(device=device, **config)
     info = ModelInfo(
         name="tiny-qwen2",
         device=device,
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-        max_context=max_context,
+        max_context=settings.max_context,
         vocab_size=len(tokenizer),
     )
-    kwargs.setdefault("num_blocks", contexts * -(-max_context // block_size) + 1)
-    return Engine(model, tokenizer, info=info, block_size=block_size, **kwargs)
+    if num_blocks is None:
+        num_blocks = contexts * -(-settings.max_context // settings.block_size) + 1
+    return Engine(model, tokenizer, settings, info=info, num_blocks=num_blocks, triton=triton)
 
 
 @pytest.fixture(scope="session")

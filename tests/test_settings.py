@@ -68,3 +68,12 @@ def test_quantize_rejects_what_gptq_cannot_write():
     with pytest.raises(ValueError, match="bits must be one of"):
         QuantizeSettings(output="o", bits=3)
     assert QuantizeSettings(output="o", group_size="64").group_size == 64
+
+
+def test_the_dtype_choices_are_the_devices_dtypes():
+    from typing import get_args
+
+    from onegpu.device import DTYPES
+    from onegpu.engine.config import Dtype
+
+    assert set(get_args(Dtype)) == {"auto", *DTYPES}

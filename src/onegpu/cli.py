@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -21,13 +22,14 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import SettingsError
 
+from onegpu import __version__
 from onegpu.errors import UserError
 from onegpu.settings import JobSettings, QuantizeSettings, ServeSettings, TrainSettings
 
 log = logging.getLogger("onegpu")
 
-# Exit statuses: a mistake the person can fix, a failure of the job, Ctrl-C.
-USER_ERROR, FAILURE, INTERRUPTED = 2, 1, 130
+# Exit statuses: a mistake the person can fix, a failure of the job, Ctrl-C, a closed pipe.
+USER_ERROR, FAILURE, INTERRUPTED, BROKEN_PIPE = 2, 1, 130, 141
 
 
 # -- the jobs -----------------------------------------------------------------------------------
@@ -183,18 +185,35 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[JobSetting
             parser.add_argument(flag(name), dest=name, metavar=_metavar(name, field), **kwargs)
 
 
-def settings_from_args(cls: type[JobSettings], args: argparse.Namespace) -> JobSettings:
-    """The job's settings: flags given, then environment variables, then defaults."""
+def _given(cls: type[JobSettings], args: argparse.Namespace) -> dict[str, typing.Any]:
     given = {k: v for k, v in vars(args).items() if k in cls.model_fields}
     for name, value in given.items():
         if value == "none" and _nullable(cls.model_fields[name]):
             given[name] = None
+    return given
+
+
+def settings_from_args(cls: type[JobSettings], args: argparse.Namespace) -> JobSettings:
+    """The job's settings: flags given, then environment variables, then defaults."""
     try:
-        return cls(**given)
+        return cls(**_given(cls, args))
     except ValidationError as exc:
         raise UserError("; ".join(_explain(cls, e) for e in exc.errors())) from exc
     except SettingsError as exc:  # an environment variable that does not parse
         raise UserError(f"{exc} (complex values such as lists are JSON there)") from exc
+
+
+def shown_settings(cls: type[JobSettings], args: argparse.Namespace) -> str:
+    """`onegpu config JOB`: the effective settings as JSON, required fields not given as null
+    (the job itself would refuse to start without them; every other mistake is reported)."""
+    missing = [
+        name
+        for name, field in cls.model_fields.items()
+        if field.is_required() and name not in vars(args) and cls.env_name(name) not in os.environ
+    ]
+    placeholders = {name: "." for name in missing}  # valid for the str and Path fields
+    settings = settings_from_args(cls, argparse.Namespace(**vars(args), **placeholders))
+    return json.dumps(settings.model_dump(mode="json") | dict.fromkeys(missing), indent=2)
 
 
 def _explain(cls: type[JobSettings], error: typing.Any) -> str:
@@ -211,6 +230,7 @@ def _explain(cls: type[JobSettings], error: typing.Any) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="onegpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"onegpu {__version__}")
     jobs = parser.add_subparsers(dest="job", required=True, metavar="JOB")
     for name, job in JOBS.items():
         sub = jobs.add_parser(
@@ -245,16 +265,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog = f"onegpu config {name}" if args.job == "config" else f"onegpu {name}"
         if unknown:
             raise UserError(f"unrecognized arguments: {' '.join(unknown)} (see {prog} --help)")
-        settings = settings_from_args(JOBS[name].settings, args)
         if args.job == "config":
-            print(settings.model_dump_json(indent=2))
+            print(shown_settings(JOBS[name].settings, args), flush=True)
             return 0
+        settings = settings_from_args(JOBS[name].settings, args)
         settings.configure_logging()
         debug = settings.log_level == "DEBUG"
         # At DEBUG here: a mistake found next must stay one line. Serve logs its settings once
         # the model is loaded; quantize and train write them into their record.
         log.debug("%s settings: %s", name, settings.model_dump_json())
         JOBS[name].run(settings)
+    except BrokenPipeError:
+        # The reader left (`onegpu config serve | head -1`): stop quietly, as Unix tools do,
+        # with nothing more written to the closed pipe at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE
     except UserError as exc:
         return _fail(prog, exc, USER_ERROR, debug)
     except KeyboardInterrupt as exc:

@@ -44,12 +44,26 @@ def resolve_dtype(dtype: str, device: torch.device, *, cuda_default: torch.dtype
     return DTYPES[dtype]
 
 
+def cuda_index(device: torch.device) -> int:
+    """The CUDA device number `device` means (`cuda` alone: the current device)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def cap_gpu_memory(device: torch.device, gib: float | None) -> None:
     """Limit this process to `gib` of the GPU's memory (emulates a smaller card, e.g. 24 GB)."""
     if gib is None or device.type != "cuda":
         return
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = cuda_index(device)
     total = torch.cuda.get_device_properties(index).total_memory / 2**30
     fraction = min(1.0, gib / total)
     torch.cuda.set_per_process_memory_fraction(fraction, index)
     log.info("GPU memory capped at %.1f GiB of %.1f GiB (fraction %.3f)", gib, total, fraction)
+
+
+def cuda_memory(device: torch.device) -> dict[str, int]:
+    """The allocator's bytes on `device`: allocated now, peak since start, reserved."""
+    return {
+        "allocated": torch.cuda.memory_allocated(device),
+        "peak": torch.cuda.max_memory_allocated(device),
+        "reserved": torch.cuda.memory_reserved(device),
+    }

@@ -20,20 +20,30 @@ def cache_root() -> Path:
 
 
 @contextmanager
-def staged(target: Path) -> Iterator[Path]:
-    """Yield `<target>.partial` to write into; on success it replaces `target`, on any failure
-    (Ctrl-C included) it is removed, so `target` is either absent or complete."""
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+def staged(target: Path, *, folder: bool = True, partial: Path | None = None) -> Iterator[Path]:
+    """Yield a sibling `<target>.partial` (or `partial`) to write `target` into: a fresh folder,
+    or for `folder=False` a file path. On success it replaces `target`; on any failure (Ctrl-C
+    included) it is removed. So `target` is either absent, as it was, or complete."""
+    partial = partial or target.with_name(target.name + ".partial")
+    _remove(partial)
+    if folder:
+        partial.mkdir(parents=True)
+    else:
+        partial.parent.mkdir(parents=True, exist_ok=True)
     try:
         yield partial
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        _remove(partial)
         raise
-    if target.exists():
-        shutil.rmtree(target)
+    _remove(target)
     partial.rename(target)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def readable_by_all(folder: Path) -> None:

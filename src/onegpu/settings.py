@@ -19,13 +19,11 @@ from typing import ClassVar, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from onegpu.engine.config import EngineConfig
+from onegpu.engine.config import Dtype, EngineConfig, KvCacheDtype
 
 # The engine's own defaults; ServeSettings describes these fields for people and reuses them.
 ENGINE = EngineConfig()
 
-Dtype = Literal["auto", "float16", "bfloat16", "float32"]
-KvCacheDtype = Literal["auto", "int8"]
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 GPTQ_BITS = (4, 8)
 # Powers of two that vLLM's and Marlin's GPTQ kernels take; -1 is one scale per output channel.

@@ -105,7 +105,7 @@ def test_a_shared_prefix_is_reused_from_a_running_row(tiny_qwen_model, qwen_toke
     results = run_interleaved(engine, [first, second], join_every=2)
     shared = len(engine.tokenize(SHARED))
     # The second prompt read the first's cached blocks while the first still ran.
-    assert engine.reused_tokens >= (shared - 1) // 4 * 4
+    assert engine.scheduler.reused_tokens >= (shared - 1) // 4 * 4
     for a, b in zip(expected, results, strict=True):
         assert_same(a, b)
 
@@ -114,7 +114,7 @@ def test_a_finished_requests_prompt_is_reused(tiny_qwen_model, qwen_tokenizer):
     engine = tiny_engine(tiny_qwen_model, qwen_tokenizer, max_batch=2, block_size=4)
     engine.generate(GenerationRequest(prompt=SHARED + " 2", max_new_tokens=1, temperature=0))
     engine.generate(GenerationRequest(prompt=SHARED + " 7", max_new_tokens=1, temperature=0))
-    assert engine.reused_tokens >= len(engine.tokenize(SHARED)) // 4 * 4
+    assert engine.scheduler.reused_tokens >= len(engine.tokenize(SHARED)) // 4 * 4
 
 
 def test_echo_recomputes_the_whole_prompt(tiny_qwen_model, qwen_tokenizer):
@@ -122,7 +122,7 @@ def test_echo_recomputes_the_whole_prompt(tiny_qwen_model, qwen_tokenizer):
     request = GenerationRequest(prompt=SHARED, max_new_tokens=0, echo_prompt=True, temperature=0)
     first = engine.generate(request)
     second = engine.generate(request)
-    assert engine.reused_tokens == 0
+    assert engine.scheduler.reused_tokens == 0
     assert [t.logprob for t in first.tokens] == [t.logprob for t in second.tokens]
 
 
@@ -175,7 +175,7 @@ def test_out_of_memory_in_a_batch_fails_it_and_admits_less_afterwards(qwen_token
         with pytest.raises(EngineOverloadedError):
             future.result()
     assert engine.oom_count == 1
-    assert engine.admit_limit == 2  # three ran together and failed: fewer at once now
+    assert engine.scheduler.batch_limit == 2  # three ran together and failed: fewer at once now
     answer = engine.generate(GenerationRequest(prompt="d", max_new_tokens=4, temperature=0))
     assert answer.text == " one two three four"
 

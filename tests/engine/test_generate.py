@@ -47,7 +47,7 @@ def test_greedy_repeat_reuses_the_prompt_and_agrees_within_float_tolerance(engin
     # The repeat reads every full cached block before the prompt's last token and recomputes
     # the rest: other matmul shapes, other rounding.
     size = engine.pool.block_size
-    assert engine.reused_tokens == (len(engine.tokenize(prompt)) - 1) // size * size > 0
+    assert engine.scheduler.reused_tokens == (len(engine.tokenize(prompt)) - 1) // size * size > 0
     assert first.token_ids == second.token_ids
     for a, b in zip(first.tokens, second.tokens, strict=True):
         assert a.logprob == pytest.approx(b.logprob, abs=1e-4)

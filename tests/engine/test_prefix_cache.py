@@ -56,7 +56,7 @@ def test_concurrent_requests_over_a_shared_prefix_equal_each_alone(tiny_qwen_mod
         assert_same(a, b)
     prefix = len(engine.tokenize(FEW_SHOT))
     # The few-shot block was computed once: every later request read at least its full blocks.
-    assert engine.reused_tokens >= (len(requests) - 1) * (prefix // 4 * 4)
+    assert engine.scheduler.reused_tokens >= (len(requests) - 1) * (prefix // 4 * 4)
     assert engine.peak_running >= 3
     assert engine.pool.in_use == 0
 
@@ -82,10 +82,10 @@ def test_echo_logprobs_are_exact_when_the_prompt_is_cached(tiny_qwen_model, qwen
     engine = engine_of(tiny_qwen_model, qwen_tokenizer)
     prompt = FEW_SHOT + QUESTIONS[0]
     engine.generate(GenerationRequest(prompt=prompt, max_new_tokens=3, temperature=0))
-    reused = engine.reused_tokens
+    reused = engine.scheduler.reused_tokens
     echo = GenerationRequest(prompt=prompt, max_new_tokens=2, echo_prompt=True, temperature=0)
     completion = engine.generate(echo)
-    assert engine.reused_tokens == reused  # echo recomputes its prompt, cache or not
+    assert engine.scheduler.reused_tokens == reused  # echo recomputes its prompt, cache or not
     ids = engine.tokenize(prompt)
     with torch.inference_mode():
         logits = engine.model(input_ids=torch.tensor([ids])).logits[0]
@@ -155,14 +155,14 @@ def test_the_triton_engine_answers_as_the_reference_engine(tiny_qwen_model, qwen
 def test_int8_kv_stays_close_to_the_models_dtype(tiny_qwen_model, qwen_tokenizer):
     requests = mixed_requests()[:4]
     plain = alone(tiny_qwen_model, qwen_tokenizer, requests)
-    quantized = alone(tiny_qwen_model, qwen_tokenizer, requests, kv_dtype="int8")
+    quantized = alone(tiny_qwen_model, qwen_tokenizer, requests, kv_cache_dtype="int8")
     worst = 0.0
     for a, b in zip(plain, quantized, strict=True):
         assert b.token_ids == a.token_ids
         pairs = zip(a.tokens, b.tokens, strict=True)
         worst = max(worst, *(abs(x.logprob - y.logprob) for x, y in pairs))
     assert worst < 0.05
-    engine = engine_of(tiny_qwen_model, qwen_tokenizer, kv_dtype="int8")
+    engine = engine_of(tiny_qwen_model, qwen_tokenizer, kv_cache_dtype="int8")
     engine.generate(requests[0])
     fp = engine_of(tiny_qwen_model, qwen_tokenizer)
     fp.generate(requests[0])

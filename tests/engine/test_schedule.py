@@ -2,40 +2,21 @@
 
 from __future__ import annotations
 
-from concurrent.futures import Future
-
 import pytest
 
 from onegpu.engine.blocks import BlockPool
-from onegpu.engine.detokenize import IncrementalDetokenizer
 from onegpu.engine.schedule import Scheduler
-from onegpu.engine.sequence import Scored, Sequence
-from onegpu.engine.stopping import StopMatcher
-from onegpu.engine.types import GenerationRequest
+from onegpu.engine.sequence import Sequence
 
 SIZE = 4
 
 
 def seq(key: int, ids: list[int], *, echo: bool = False) -> Sequence:
-    return Sequence(
-        key=key,
-        request=GenerationRequest(prompt="", max_new_tokens=50, echo_prompt=echo),
-        prompt_ids=list(ids),
-        stops=StopMatcher(),
-        detok=IncrementalDetokenizer(lambda ids: " ".join(map(str, ids))),
-        eos_ids=frozenset(),
-        generator=None,
-        future=Future(),
-        cancelled=lambda: False,
-        started=0.0,
-        ids=list(ids),
-    )
+    return Sequence(key=key, ids=list(ids), prompt_len=len(ids), echo=echo)
 
 
-def scheduler(blocks: int, *, max_running: int = 8, chunk: int = 64, **kwargs) -> Scheduler:
-    return Scheduler(
-        BlockPool(blocks, SIZE), max_running=max_running, prefill_chunk=chunk, **kwargs
-    )
+def scheduler(blocks: int, *, max_batch: int = 8, chunk: int = 64, **kwargs) -> Scheduler:
+    return Scheduler(BlockPool(blocks, SIZE), max_batch=max_batch, prefill_chunk=chunk, **kwargs)
 
 
 def prefill_all(s: Scheduler) -> None:
@@ -46,12 +27,12 @@ def prefill_all(s: Scheduler) -> None:
             return
         for item, count in plan.prefill:
             s.computed(item, count)
-            if item.computed == item.target and not item.scored:
+            if item.computed == item.target and not item.generated:
                 generate(item, 1000 + item.key)
 
 
 def generate(item: Sequence, token: int) -> None:
-    item.record(token, Scored(token, 0.0, {}))
+    item.ids.append(token)
 
 
 def decode_step(s: Scheduler) -> list[Sequence]:
@@ -278,3 +259,27 @@ def test_small_requests_pass_one_that_does_not_fit_but_only_so_often(monkeypatch
     s.remove(small[1])
     s.plan()
     assert s.running == [big, small[2]] and not s.waiting
+
+
+def test_after_an_out_of_memory_fewer_run_at_once_and_clean_finishes_give_it_back():
+    from onegpu.engine.schedule import RECOVER_AFTER
+
+    s = scheduler(40, max_batch=4)
+    for key in range(1, 7):
+        s.add(seq(key, [key] * 3))
+    s.plan()
+    assert len(s.running) == 4
+    assert s.back_off() == 3  # four ran when it failed: three at a time from now on
+    for running in list(s.running):
+        s.remove(running)
+    s.plan()
+    assert len(s.running) == 2  # the two still waiting; a third would fit
+    assert s.back_off() == 1  # two ran: one at a time
+    for _ in range(RECOVER_AFTER - 1):
+        s.finished()
+    assert s.batch_limit == 1
+    s.finished()
+    assert s.batch_limit == 2  # one more after a run of clean requests...
+    for _ in range(10 * RECOVER_AFTER):
+        s.finished()
+    assert s.batch_limit == s.max_batch == 4  # ... never past --max-batch

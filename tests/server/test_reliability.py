@@ -198,7 +198,7 @@ def test_metrics_count_requests_and_tokens(tiny_client):
     assert "onegpu_queue_depth" in text
     assert "onegpu_time_to_first_token_seconds_count" in text
     assert "onegpu_running_requests 0.0" in text
-    assert "onegpu_batch_rows 32.0" in text  # the test engine's default --max-batch
+    assert "onegpu_batch_limit 32.0" in text  # the test engine's default --max-batch
     assert "onegpu_peak_running_requests 1.0" in text
     assert "onegpu_reused_prompt_tokens" in text
     assert 'onegpu_kv_blocks{state="in_use"} 0.0' in text  # both answered: nothing held

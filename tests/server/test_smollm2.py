@@ -36,8 +36,13 @@ def test_http_knows_the_capital_of_france(smol_engine):
         assert "SmolLM2" in health["model"]
 
 
-def test_the_serve_path_loads_the_embedded_default_when_no_model_is_set():
-    with TestClient(create_app(ServeSettings(model=None, device="cpu"))) as client:
+def test_onegpu_serve_loads_the_embedded_default_when_no_model_is_set(monkeypatch):
+    from onegpu.cli import main
+
+    served = {}
+    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: served.update(app=app))
+    assert main(["serve", "--device", "cpu"]) == 0
+    with TestClient(served["app"]) as client:
         assert client.get("/health").json()["status"] == "ready"
         body = client.post(
             "/process",

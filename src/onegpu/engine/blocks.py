@@ -89,6 +89,16 @@ class BlockPool:
         """Blocks whose contents are named (computed or being computed), held or not."""
         return len(self._by_name)
 
+    def stats(self) -> dict[str, int]:
+        """Counters for metrics: blocks in all, held by sequences, cached; evictions so far."""
+        return {
+            "blocks_total": self.capacity,
+            "blocks_in_use": self.in_use,
+            "blocks_cached": self.cached,
+            "block_size": self.block_size,
+            "evictions": self.evictions,
+        }
+
     def refs(self, block: int) -> int:
         return self._refs[block]
 

@@ -7,6 +7,11 @@ people (flag, environment variable, help) and converts into this class in one me
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+# The choices of the dtype settings: the flags, the variables and the engine read these.
+Dtype = Literal["auto", "float16", "bfloat16", "float32"]
+KvCacheDtype = Literal["auto", "int8"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,7 +22,7 @@ class EngineConfig:
     revision: str | None = None
     adapter: str | None = None
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
     gpu_memory_gib: float | None = None
     max_context: int = 2048
     default_stop: tuple[str, ...] = ("\n\n",)
@@ -25,7 +30,7 @@ class EngineConfig:
     max_batch: int = 32
     cuda_graphs: bool = True
     fuse: bool = True
-    kv_cache_dtype: str = "auto"
+    kv_cache_dtype: KvCacheDtype = "auto"
     block_size: int = 16
     # Measured on an H200 with a 14B-shaped model: the 1-token multiple-choice scenarios ran
     # 1.2x faster than with 512 (fewer passes, each fuller), at the price of decode steps

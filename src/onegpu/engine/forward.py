@@ -13,6 +13,7 @@ sequence length. Padding rows read nothing and write to the null block.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 from typing import Literal
@@ -78,13 +79,22 @@ class Forward:
         max_context: int,
         max_batch: int,
         graphs: bool,
-        triton: bool,
+        triton: bool | None = None,
         invariant: bool = False,
     ) -> None:
+        if cache.num_blocks * cache.block_size < max_context + cache.block_size:
+            raise ValueError(
+                f"{cache.num_blocks} blocks of {cache.block_size} cannot hold one "
+                f"{max_context}-token context (plus the null block)"
+            )
         install(model)
         self.model = model
         self.cache = cache
         self.device = next(model.parameters()).device
+        if triton is None:  # the kernels on CUDA, where Triton comes with torch
+            triton = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
+            if self.device.type == "cuda" and not triton:
+                log.warning("triton is not installed: attention gathers blocks (slower)")
         self.triton = triton
         self.invariant = invariant
         self.graphs = graphs and self.device.type == "cuda"

@@ -46,6 +46,16 @@ class CheckpointTensors:
             return f.get_tensor(name)
 
 
+def gptq_config(quantization: dict, backend: str):
+    """transformers' GPTQConfig loading a checkpoint whose config.json `quantization_config`
+    is `quantization`, with GPTQModel's `backend` kernel (marlin, torch, ...)."""
+    from transformers import GPTQConfig
+
+    return GPTQConfig(
+        bits=quantization["bits"], group_size=quantization.get("group_size", 128), backend=backend
+    )
+
+
 def is_gptq(module: torch.nn.Module) -> bool:
     """A GPTQModel quantized linear layer (any kernel)."""
     return all(hasattr(module, field) for field in GPTQ_FIELDS) and hasattr(module, "post_init")

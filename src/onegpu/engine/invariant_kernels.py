@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from onegpu.device import cuda_index
+
 # Rows per tile, and reduction step (smaller for GPTQ groups under 64): the same for every
 # weight. Output columns per tile (`columns_for`) are fixed per weight shape.
 BLOCK_M = 64
@@ -102,7 +104,7 @@ def _matmul(
 
 def _run(x, weight, n, *, bias, qzeros=None, scales=None, bits=16, group=BLOCK_K):
     rows, k = x.shape
-    columns = columns_for(n, x.device.index or 0) if x.is_cuda else 16
+    columns = columns_for(n, cuda_index(x.device)) if x.is_cuda else 16
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     quant = qzeros is not None
     _matmul[(triton.cdiv(rows, BLOCK_M), triton.cdiv(n, columns))](

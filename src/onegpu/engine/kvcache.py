@@ -12,10 +12,13 @@ memory. Attention dequantizes on the fly (`gather` here, the Triton kernels on t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 
-KV_DTYPES = ("auto", "int8")
+from onegpu.engine.config import KvCacheDtype
+
+KV_DTYPES = get_args(KvCacheDtype)
 
 
 @dataclass

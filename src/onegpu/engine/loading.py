@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from onegpu.device import cap_gpu_memory, resolve_device, resolve_dtype
+from onegpu.device import cap_gpu_memory, cuda_index, resolve_device, resolve_dtype
 from onegpu.engine.config import EngineConfig
 from onegpu.engine.embedded import EMBEDDED_NAME, embedded_model_dir
 from onegpu.engine.fusion import fuse
 from onegpu.engine.generate import Engine
-from onegpu.engine.gptq_layers import load_quantized_head
+from onegpu.engine.gptq_layers import gptq_config, load_quantized_head
 from onegpu.engine.kvcache import bytes_per_token
 from onegpu.engine.types import ModelInfo
 from onegpu.errors import UserError
@@ -67,36 +67,40 @@ def _gptq_kwargs(quantization: dict, device: torch.device, *, deterministic: boo
     Deterministic serving keeps GPTQ's own packing (the torch kernel's layout), which the
     batch-invariant kernels read; Marlin repacks it for its own tiles.
     """
-    from transformers import GPTQConfig
-
     backend = "marlin" if device.type == "cuda" and not deterministic else "torch"
-    return {
-        "quantization_config": GPTQConfig(
-            bits=quantization["bits"],
-            group_size=quantization.get("group_size", 128),
-            backend=backend,
-        )
-    }
+    return {"quantization_config": gptq_config(quantization, backend)}
 
 
 def load_engine(config: EngineConfig) -> Engine:
     """Load the configured model and tokenizer (and adapter) and wrap them in an Engine."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     device = resolve_device(config.device)
     # fp16 is what the 8-bit GPTQ kernels are fastest with.
     dtype = resolve_dtype(config.dtype, device, cuda_default=torch.float16)
     cap_gpu_memory(device, config.gpu_memory_gib)
+    model, tokenizer, info = _load_model(config, device, dtype)
+    blocks = plan_blocks(model, device, dtype, config, max_context=info.max_context)
+    engine = Engine(model, tokenizer, config, info=info, num_blocks=blocks)
+    start = time.perf_counter()
+    engine.warmup()
+    log.warning("engine warmed up in %.1f s", time.perf_counter() - start)
+    return engine
 
+
+def _source(config: EngineConfig) -> tuple[str | Path, str]:
+    """Where the model loads from (a folder or hub id) and the name it is served under."""
     if config.model is None:
-        source: str | Path = embedded_model_dir()
-        name = EMBEDDED_NAME
-    elif is_gguf(config.model):
-        source, name = converted(config.model), config.model
-    else:
-        source, name = config.model, config.model
-    local = Path(source).is_dir()
-    quantization = read_quantization(Path(source)) if local else None
+        return embedded_model_dir(), EMBEDDED_NAME
+    if is_gguf(config.model):
+        return converted(config.model), config.model
+    return config.model, config.model
+
+
+def _load_model(config: EngineConfig, device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer, ModelInfo): loaded, with its adapter or fused, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, name = _source(config)
+    quantization = read_quantization(Path(source)) if Path(source).is_dir() else None
     kwargs: dict = {"dtype": dtype, "device_map": {"": str(device)}}
     if config.revision:
         kwargs["revision"] = config.revision
@@ -108,7 +112,6 @@ def load_engine(config: EngineConfig) -> Engine:
         check_quantization(quantization)
         kwargs.update(_gptq_kwargs(quantization, device, deterministic=config.deterministic))
         quant_label = f"gptq-{quantization['bits']}bit"
-
     log.warning("loading model %s on %s (%s)", name, device, str(dtype).removeprefix("torch."))
     try:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -125,7 +128,6 @@ def load_engine(config: EngineConfig) -> Engine:
         # GPTQ layers are joined from the checkpoint's packed tensors (a local folder).
         fuse(model, checkpoint=Path(source) if quantization else None)
     model.eval()
-
     max_context = config.max_context
     model_limit = getattr(model.config, "max_position_embeddings", None)
     if model_limit and model_limit < max_context:
@@ -149,44 +151,11 @@ def load_engine(config: EngineConfig) -> Engine:
         config.adapter or "none",
         max_context,
     )
-    blocks = plan_blocks(
-        model,
-        device,
-        dtype,
-        max_context=max_context,
-        block_size=config.block_size,
-        kv_dtype=config.kv_cache_dtype,
-        gpu_memory_gib=config.gpu_memory_gib,
-    )
-    engine = Engine(
-        model,
-        tokenizer,
-        info=info,
-        num_blocks=blocks,
-        block_size=config.block_size,
-        max_batch=config.max_batch,
-        prefill_chunk=config.prefill_chunk,
-        default_stop=config.default_stop,
-        cuda_graphs=config.cuda_graphs,
-        prefix_cache=config.prefix_cache,
-        kv_dtype=config.kv_cache_dtype,
-        deterministic=config.deterministic,
-    )
-    start = time.perf_counter()
-    engine.warmup()
-    log.warning("engine warmed up in %.1f s", time.perf_counter() - start)
-    return engine
+    return model, tokenizer, info
 
 
 def plan_blocks(
-    model,
-    device: torch.device,
-    dtype: torch.dtype,
-    *,
-    max_context: int,
-    block_size: int,
-    kv_dtype: str,
-    gpu_memory_gib: float | None,
+    model, device: torch.device, dtype: torch.dtype, config: EngineConfig, *, max_context: int
 ) -> int:
     """How many KV blocks the pool gets: the GPU memory left beside the weights.
 
@@ -196,6 +165,7 @@ def plan_blocks(
     finish alone; the scheduler admits by blocks, so the cache can never run the card out of
     memory.
     """
+    block_size, kv_dtype = config.block_size, config.kv_cache_dtype
     full_context = -(-max_context // block_size) + 1  # + the null block
     if device.type != "cuda":
         return CPU_CONTEXTS * full_context
@@ -203,9 +173,10 @@ def plan_blocks(
     if per_token is None:
         log.warning("cannot read the KV size from the model config: one context's worth of cache")
         return full_context
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = cuda_index(device)
     total = torch.cuda.get_device_properties(index).total_memory
-    cap = min(total, gpu_memory_gib * 2**30) if gpu_memory_gib else total
+    gib = config.gpu_memory_gib
+    cap = min(total, gib * 2**30) if gib else total
     budget = (
         cap * MEMORY_TARGET - torch.cuda.memory_allocated(index) - ACTIVATION_RESERVE_GIB * 2**30
     )

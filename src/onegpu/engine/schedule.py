@@ -18,6 +18,9 @@ The rules, in order, each step:
    first; the last one taken may get only a part (chunked prefill), the rest next step.
 4. Decode: every sequence past its prompt feeds one token.
 A request can always finish alone: the pool holds at least one full context (see loading).
+
+After a GPU out-of-memory the scheduler runs fewer sequences at once (`back_off`), and gives one
+back per run of requests that finished cleanly (`finished`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from onegpu.engine.sequence import Sequence
 
 # How many later requests may start before a waiting one that does not fit in memory.
 MAX_OVERTAKEN = 32
+# Requests finished without an out-of-memory before one more may run at once again.
+RECOVER_AFTER = 50
 
 
 @dataclass
@@ -48,12 +53,14 @@ class Scheduler:
         self,
         pool: BlockPool,
         *,
-        max_running: int,
+        max_batch: int,
         prefill_chunk: int,
         prefix_cache: bool = True,
     ) -> None:
         self.pool = pool
-        self.max_running = max_running
+        self.max_batch = max_batch
+        self.batch_limit = max_batch  # fewer after an out-of-memory, for a while
+        self._clean = 0  # requests finished since the last out-of-memory
         self.prefill_chunk = prefill_chunk
         self.prefix_cache = prefix_cache
         self.waiting: deque[Sequence] = deque()
@@ -78,6 +85,29 @@ class Scheduler:
                 budget -= count
         plan.decode = [seq for seq in self.running if seq.decoding]
         return plan
+
+    def stats(self) -> dict[str, int]:
+        """Counters for metrics: waiting requests, the running limit, reuse and preemptions."""
+        return {
+            "waiting": len(self.waiting),
+            "batch_limit": self.batch_limit,
+            "reused_prompt_tokens": self.reused_tokens,
+            "preemptions": self.preemptions,
+        } | self.pool.stats()
+
+    def back_off(self) -> int:
+        """An out-of-memory hit what is running: run one fewer than that from now on (at least
+        one). The new limit."""
+        self.batch_limit = max(1, min(self.batch_limit, len(self.running)) - 1)
+        self._clean = 0
+        return self.batch_limit
+
+    def finished(self) -> None:
+        """A request finished cleanly: after RECOVER_AFTER of them, one more may run again."""
+        self._clean += 1
+        if self.batch_limit < self.max_batch and self._clean >= RECOVER_AFTER:
+            self.batch_limit += 1
+            self._clean = 0
 
     def remove(self, seq: Sequence) -> None:
         """Take `seq` out (finished, failed or cancelled) and give its blocks back."""
@@ -131,7 +161,7 @@ class Scheduler:
     def _admit(self) -> None:
         kept: list[Sequence] = []  # still waiting, in arrival order
         blocked: list[Sequence] = []  # waiting for memory, overtaken by what starts after them
-        while self.waiting and len(self.running) < self.max_running:
+        while self.waiting and len(self.running) < self.batch_limit:
             seq = self.waiting.popleft()
             outcome = self._try_admit(seq)
             if outcome == "ok":

@@ -1,10 +1,9 @@
-"""From logits to answers: each sequence's next token and every score HELM reads.
+"""From logits to answers: each request's next token and every score HELM reads.
 
 `choose` picks every row's token on the device (one argmax for the greedy rows, seeded sampling
 for the others, end-of-text suppressed before `min_new_tokens`); `score` turns logits and targets
 into raw logprobs with their top alternatives, copied back in one transfer. Echoed prompts are
-scored position by position as their chunks are prefilled (`prompt_scores`), then paired with
-the prompt's text pieces (`echo_tokens`).
+scored position by position as their chunks are prefilled (`prompt_scores`).
 """
 
 from __future__ import annotations
@@ -15,32 +14,30 @@ import torch
 
 from onegpu.engine.logprobs import finite, gather_logprobs
 from onegpu.engine.sampling import pick, suppress
-from onegpu.engine.sequence import Scored
-from onegpu.engine.sequence import Sequence as Running
-from onegpu.engine.types import TokenInfo
+from onegpu.engine.sequence import Output, Scored
 
 # Positions scored at once: bounds the float32 log-softmax temporaries ([256, V]).
 SCORE_CHUNK = 256
 
 
-def choose(logits: torch.Tensor, seqs: Sequence[Running]) -> torch.Tensor:
-    """Each sequence's next token from its row of `logits` [n, V]: ids [n] on the device."""
+def choose(logits: torch.Tensor, outputs: Sequence[Output]) -> torch.Tensor:
+    """Each request's next token from its row of `logits` [n, V]: ids [n] on the device."""
     choice = logits
-    early = [i for i, seq in enumerate(seqs) if len(seq.scored) < seq.request.min_new_tokens]
+    early = [i for i, out in enumerate(outputs) if len(out.scored) < out.request.min_new_tokens]
     if early:
         choice = logits.clone()
         for i in early:
-            choice[i] = suppress(logits[i], seqs[i].eos_ids)
+            choice[i] = suppress(logits[i], outputs[i].eos_ids)
     chosen = torch.argmax(choice, dim=-1)
-    for i, seq in enumerate(seqs):
-        request = seq.request
+    for i, out in enumerate(outputs):
+        request = out.request
         if not request.greedy:
             chosen[i] = pick(
                 choice[i],
                 temperature=request.temperature,
                 top_k=request.top_k,
                 top_p=request.top_p,
-                generator=seq.generator,
+                generator=out.generator,
             )
     return chosen
 
@@ -84,14 +81,3 @@ def prompt_scores(
     if not targets:
         return []
     return score(logits[: len(targets)], torch.tensor(targets), k, token_text, invariant=invariant)
-
-
-def echo_tokens(pieces: list[str], scores: list[Scored]) -> list[TokenInfo]:
-    """The echoed prompt: token t scored by the logits at t - 1 (the first gets 0, no top)."""
-    if not pieces:
-        return []
-    first = TokenInfo(text=pieces[0], logprob=0.0, top_logprob={})
-    return [first] + [
-        TokenInfo(text=piece, logprob=s.logprob, top_logprob=s.top)
-        for piece, s in zip(pieces[1:], scores, strict=True)
-    ]

@@ -2,7 +2,8 @@
 
 `encode` is what `/tokenize` answers and what `/process` feeds the model; `decode` checks the
 ids a client sends; `raw` and `piece` turn generated ids (bounded by the vocabulary already)
-into text, special tokens kept, for incremental detokenizing and top-logprob keys.
+into text, special tokens kept, for incremental detokenizing and top-logprob keys. `eos_ids`
+are the ids that end a text, wherever the model's files declare them.
 """
 
 from __future__ import annotations
@@ -14,12 +15,25 @@ from functools import lru_cache
 from onegpu.engine.types import InvalidRequestError
 
 
+def eos_ids(tokenizer, *configs) -> frozenset[int]:
+    """Every id that ends generation: the tokenizer's, and each config's `eos_token_id` (the
+    model's config and its generation config may each name one or several)."""
+    ids: set[int] = set()
+    for value in (tokenizer.eos_token_id, *(getattr(c, "eos_token_id", None) for c in configs)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
 class Text:
     """One tokenizer shared by the engine thread and the server's threads."""
 
-    def __init__(self, tokenizer, vocab_size: int) -> None:
+    def __init__(self, tokenizer, vocab_size: int, eos: frozenset[int] = frozenset()) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
+        self.eos_ids = eos
         self._lock = threading.Lock()
         self.piece = lru_cache(maxsize=65536)(self._piece)
 

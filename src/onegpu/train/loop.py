@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from onegpu.files import staged
 from onegpu.train.batching import Batch
 from onegpu.train.format import IGNORE_INDEX
 from onegpu.train.model import base_of, load_adapter_weights, save_adapter, trainable_parameters
@@ -180,10 +181,6 @@ def latest_checkpoint(output: Path) -> Path | None:
 def _save_checkpoint(model, optimizer, step: int, history: History, output: Path, keep: int):
     folder = Path(output) / CHECKPOINTS
     final = folder / f"step-{step:06d}"
-    partial = folder / f".step-{step:06d}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    save_adapter(model, partial)
     state = {
         "step": step,
         "optimizer": optimizer.state_dict(),
@@ -192,9 +189,10 @@ def _save_checkpoint(model, optimizer, step: int, history: History, output: Path
     }
     if torch.cuda.is_available():
         state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(state, partial / STATE_FILE)
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
+    # Hidden while written: resuming looks for step-* folders.
+    with staged(final, partial=folder / f".step-{step:06d}.partial") as partial:
+        save_adapter(model, partial)
+        torch.save(state, partial / STATE_FILE)
     for old in sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     log.info("checkpoint saved: %s", final)
@@ -228,6 +226,32 @@ def micro_batches(epoch_batches: Callable[[int], list[Batch]], start: int) -> It
             yield from batches[max(start - skipped, 0) :]
             skipped = start
         epoch += 1
+
+
+def _set_lr(optimizer, step: int, cfg: LoopConfig) -> float:
+    """The schedule's learning rate for `step`, set on every parameter group."""
+    lr = cfg.lr * lr_factor(
+        step, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_ratio=cfg.min_lr_ratio
+    )
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def _optimizer_step(model, group: list[Batch], params, optimizer, cfg: LoopConfig, device):
+    """Accumulate the gradients of `group`'s micro-batches, clip, step: (mean loss, targets)."""
+    n_total = sum(b.n_targets for b in group)
+    loss_total = 0.0
+    for batch in group:
+        s, n = loss_sum(model, batch.to(device), chunk=cfg.loss_chunk)
+        if n:  # mean over all reply tokens of the accumulated batches, not of means
+            (s / n_total).backward()
+            loss_total += float(s.detach())
+    if cfg.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_total / max(n_total, 1), n_total
 
 
 def fit(
@@ -264,14 +288,6 @@ def fit(
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
 
-    def set_lr(step: int) -> float:
-        lr = cfg.lr * lr_factor(
-            step, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_ratio=cfg.min_lr_ratio
-        )
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        return lr
-
     def run_eval(step: int) -> None:
         if eval_batches:
             loss = evaluate(model, eval_batches, device, chunk=cfg.loss_chunk)
@@ -288,20 +304,9 @@ def fit(
     try:
         for step in range(start, cfg.steps):
             started = time.perf_counter()
-            lr = set_lr(step)
+            lr = _set_lr(optimizer, step, cfg)
             group = [next(stream) for _ in range(cfg.grad_accum)]
-            n_total = sum(b.n_targets for b in group)
-            loss_total = 0.0
-            for batch in group:
-                s, n = loss_sum(model, batch.to(device), chunk=cfg.loss_chunk)
-                if n:  # mean over all reply tokens of the accumulated batches, not of means
-                    (s / n_total).backward()
-                    loss_total += float(s.detach())
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_total / max(n_total, 1)
+            loss, n_total = _optimizer_step(model, group, params, optimizer, cfg, device)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"training loss is {loss} at step {step + 1}")
             done = step + 1

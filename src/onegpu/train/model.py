@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from onegpu.device import cap_gpu_memory, resolve_device, resolve_dtype
+from onegpu.engine.gptq_layers import gptq_config
 from onegpu.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -140,8 +141,6 @@ def load_base(
 
 
 def _gptq_config(quant: dict[str, Any]):
-    from transformers import GPTQConfig
-
     try:
         import gptqmodel  # noqa: F401  (transformers needs it to load GPTQ checkpoints)
     except ImportError as exc:
@@ -149,9 +148,7 @@ def _gptq_config(quant: dict[str, Any]):
             "training on a GPTQ checkpoint needs gptqmodel: pip install 'onegpu[train]', then "
             "pip install --no-deps gptqmodel==7.6.0"
         ) from exc
-    return GPTQConfig(
-        bits=quant["bits"], group_size=quant.get("group_size", 128), backend=TRAIN_BACKEND
-    )
+    return gptq_config(quant, TRAIN_BACKEND)
 
 
 def _nf4_config(device: torch.device, compute_dtype: torch.dtype):
