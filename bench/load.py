@@ -3,6 +3,7 @@
     python bench/load.py --minutes 3                       # starts `onegpu serve` (embedded model)
     python bench/load.py --base-url http://127.0.0.1:8080  # an already running server
     python bench/load.py --serve-args "--model M --deterministic --gpu-memory-gib 24"
+    python bench/load.py --pressure --minutes 5 --serve-args "--model M --gpu-memory-gib 24"
 
 Every client loops over a mix of request shapes (1-token multiple choice with 5 alternatives,
 64 tokens with no stop, a "\\n\\n" stop, sampling at temperature 0.3 with a seed, echo with no new
@@ -14,6 +15,13 @@ first (text and every logprob) is counted as inexact, which `--deterministic` mu
 server's resident memory is sampled every few seconds (when this script started it). Prints a
 table last and writes load.json to --out. Bounded in time and count; it only talks to the URL it
 is given.
+
+`--pressure` keeps the KV cache full instead: GSM-shaped requests (one long shared prompt, 400
+tokens), summary-shaped ones (a unique long article each, 128 sampled tokens) and prompts near
+the context window, sized in tokens through the server's own /tokenize. A share of the clients
+(`--disconnect`) give up at a random moment, as a client that disconnects does. After the run it
+waits for the engine to drain and reads /metrics: preemptions, positions recomputed, and the
+KV blocks still held (0 when every block came back; cached ones are not held).
 """
 
 from __future__ import annotations
@@ -80,6 +88,64 @@ def bodies() -> list[dict]:
     return out
 
 
+WORDS = [
+    "the", "river", "market", "tower", "garden", "winter", "signal", "copper", "engine", "harbor",
+    "valley", "silver", "morning", "station", "letter", "bridge", "forest", "window", "candle",
+    "number", "orange", "planet", "thunder", "journey", "ladder",
+]  # fmt: skip
+
+
+def sized(http: httpx.Client, text: str, tokens: int) -> str:
+    """`text` cut to `tokens` tokens of the served model (its /tokenize, then /decode)."""
+    ids = http.post("/tokenize", json={"text": text, "truncation": False}).json()["tokens"]
+    return http.post("/decode", json={"tokens": ids[:tokens]}).json()["text"]
+
+
+def pressure_bodies(http: httpx.Client, window: int = 2048) -> list[dict]:
+    """Long prompts and long answers, HELM-shaped, sized for a `window`-token context."""
+    rng = random.Random(0)
+
+    def prose(n: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(n))
+
+    base = HELM_DEFAULTS
+    shots = sized(http, prose(1400), 900)  # one few-shot block, shared as HELM's is
+    out = []
+    for _ in range(4):
+        prompt = f"{shots}\n\nQ: {prose(40)}?\nA:"
+        out.append({**base, "prompt": prompt, "max_new_tokens": 400, "stop_sequences": ["\n\n"]})
+    for i in range(4):
+        article = sized(http, prose(1400), 917)
+        out.append(
+            {**base, "prompt": f"{article}\nSummarize the above.\n###\n", "max_new_tokens": 128,
+             "temperature": 0.3, "seed": i, "stop_sequences": ["###"]}
+        )  # fmt: skip
+    for _ in range(4):
+        long = sized(http, prose(2400), window - 250)
+        out.append({**base, "prompt": long, "max_new_tokens": 200})
+    return out
+
+
+def engine_counters(http: httpx.Client) -> dict[str, float]:
+    """The engine's gauges from /metrics (running, preemptions, recomputed, blocks, memory)."""
+    counters = {}
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith("onegpu_") and " " in line:
+            name, value = line.rsplit(" ", 1)
+            counters[name] = float(value)
+    return counters
+
+
+def drained(http: httpx.Client, timeout: float = 120.0) -> dict[str, float]:
+    """The counters once no request runs (cancellations take a step or two to land)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        counters = engine_counters(http)
+        if counters.get("onegpu_running_requests", 0) == 0 or time.monotonic() > deadline:
+            return counters
+        time.sleep(0.5)
+
+
 def compare(first: list[tuple[str, float]], again: list[tuple[str, float]], tol: float) -> str:
     """'same', 'diverged' or 'mixed' for two answers to one deterministic body.
 
@@ -132,6 +198,10 @@ def main() -> int:
     parser.add_argument("--max-requests", type=int, default=100_000)
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     parser.add_argument("--serve-args", default="", help="extra `onegpu serve` flags")
+    parser.add_argument("--pressure", action="store_true", help="fill the KV cache (see above)")
+    parser.add_argument(
+        "--disconnect", type=float, default=None, help="share of requests given up (pressure: 0.2)"
+    )
     parser.add_argument(
         "--logprob-tolerance",
         type=float,
@@ -171,7 +241,9 @@ def main() -> int:
 
 
 def run(url: str, server: subprocess.Popen | None, args: argparse.Namespace) -> int:
-    mix = bodies()
+    with httpx.Client(base_url=url, timeout=600) as http:
+        mix = pressure_bodies(http) if args.pressure else bodies()
+    leave = args.disconnect if args.disconnect is not None else (0.2 if args.pressure else 0.0)
     lock = threading.Lock()
     first: dict[int, tuple] = {}
     latencies: list[float] = []
@@ -194,9 +266,13 @@ def run(url: str, server: subprocess.Popen | None, args: argparse.Namespace) -> 
                     count += 1
                 index = rng.randrange(len(mix))
                 started = time.perf_counter()
+                give_up = rng.uniform(0.2, 5.0) if rng.random() < leave else None
                 try:
-                    response = http.post("/process", json=mix[index])
+                    response = http.post("/process", json=mix[index], timeout=give_up or 600)
                     outcome = str(response.status_code)
+                except httpx.TimeoutException as exc:
+                    response = None
+                    outcome = "disconnected" if give_up else type(exc).__name__
                 except httpx.HTTPError as exc:
                     response, outcome = None, type(exc).__name__
                 seconds = time.perf_counter() - started
@@ -229,8 +305,10 @@ def run(url: str, server: subprocess.Popen | None, args: argparse.Namespace) -> 
     for t in threads[:-1]:
         t.join()
     elapsed = time.monotonic() - started
+    with httpx.Client(base_url=url, timeout=60) as http:
+        counters = drained(http)
     ok = outcomes.get("200", 0)
-    failures = sum(n for k, n in outcomes.items() if k != "200")
+    failures = sum(n for k, n in outcomes.items() if k not in ("200", "disconnected"))
     result = {
         "url": url,
         "clients": args.clients,
@@ -238,6 +316,12 @@ def run(url: str, server: subprocess.Popen | None, args: argparse.Namespace) -> 
         "requests": sum(outcomes.values()),
         "outcomes": outcomes,
         "failures": failures,
+        "disconnected": outcomes.get("disconnected", 0),
+        "preemptions": counters.get("onegpu_preemptions"),
+        "recomputed_tokens": counters.get("onegpu_recomputed_tokens"),
+        "blocks_in_use_after": counters.get('onegpu_kv_blocks{state="in_use"}'),
+        "blocks_cached_after": counters.get('onegpu_kv_blocks{state="cached"}'),
+        "gpu_peak_gib": counters.get('onegpu_gpu_memory_bytes{kind="peak"}', 0) / 2**30,
         "mixed_up": len(mixed),
         "diverged_after_agreeing": len(diverged),
         "not_bit_identical": len(inexact),
@@ -255,10 +339,13 @@ def run(url: str, server: subprocess.Popen | None, args: argparse.Namespace) -> 
     print(json.dumps(result, indent=2))
     print(
         f"\n{result['requests']} requests from {args.clients} clients in {elapsed:.0f} s: "
-        f"{failures} failed, {len(mixed)} mixed up, {len(diverged)} diverged after agreeing, "
-        f"{len(inexact)} not bit-identical, {result['requests_per_s']:.2f} req/s"
+        f"{failures} failed, {result['disconnected']} disconnected, {len(mixed)} mixed up, "
+        f"{len(diverged)} diverged after agreeing, {len(inexact)} not bit-identical, "
+        f"{result['requests_per_s']:.2f} req/s; {result['preemptions']:.0f} preemptions, "
+        f"{result['recomputed_tokens']:.0f} positions recomputed, "
+        f"{result['blocks_in_use_after']:.0f} blocks held after"
     )
-    return 1 if failures or mixed else 0
+    return 1 if failures or mixed or result["blocks_in_use_after"] else 0
 
 
 if __name__ == "__main__":

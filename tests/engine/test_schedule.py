@@ -265,21 +265,20 @@ def test_after_an_out_of_memory_fewer_run_at_once_and_clean_finishes_give_it_bac
     from onegpu.engine.schedule import RECOVER_AFTER
 
     s = scheduler(40, max_batch=4)
-    for key in range(1, 7):
-        s.add(seq(key, [key] * 3))
+    sequences = [seq(key, [key] * 3) for key in range(1, 7)]
+    for item in sequences:
+        s.add(item)
     s.plan()
     assert len(s.running) == 4
-    assert s.back_off() == 3  # four ran when it failed: three at a time from now on
-    for running in list(s.running):
-        s.remove(running)
-    s.plan()
-    assert len(s.running) == 2  # the two still waiting; a third would fit
-    assert s.back_off() == 1  # two ran: one at a time
+    stepped_back = s.back_off()  # four ran when it failed: three from now on
+    assert s.batch_limit == 3 and stepped_back == [sequences[3]]  # the youngest
+    assert s.waiting[0] is sequences[3] and sequences[3].table == [] and s.pool.in_use == 3
+    assert s.back_off() == [sequences[2]] and s.batch_limit == 2
     for _ in range(RECOVER_AFTER - 1):
         s.finished()
-    assert s.batch_limit == 1
+    assert s.batch_limit == 2
     s.finished()
-    assert s.batch_limit == 2  # one more after a run of clean requests...
+    assert s.batch_limit == 3  # one more after a run of clean requests...
     for _ in range(10 * RECOVER_AFTER):
         s.finished()
     assert s.batch_limit == s.max_batch == 4  # ... never past --max-batch

@@ -204,7 +204,8 @@ class Engine:
         self.peak_running = max(self.peak_running, self.running)
         if plan.prefill:
             self._guarded([seq for seq, _ in plan.prefill], lambda: self._prefill(plan.prefill))
-        decoding = [seq for seq in plan.decode if not seq.output.future.done()]
+        # Not those finished, failed or stepped back (an out-of-memory) in the prefill above.
+        decoding = [seq for seq in plan.decode if seq.admitted and not seq.output.future.done()]
         if decoding:
             self._guarded(decoding, lambda: self._decode(decoding))
 
@@ -270,7 +271,11 @@ class Engine:
         self.scheduler.finished()
 
     def _guarded(self, seqs: list[Running], work: Callable[[], None]) -> None:
-        """Run `work` for `seqs`; a failure fails those requests, and only a GPU fault more."""
+        """Run `work` for `seqs`; a failure fails those requests, and only a GPU fault more.
+
+        An out-of-memory fails a request only when it ran alone: a larger pass is retried with
+        fewer requests at once, the youngest stepping back to be recomputed later.
+        """
         try:
             with torch.no_grad():
                 work()
@@ -288,13 +293,17 @@ class Engine:
         # so emptying the allocator's cache really returns that memory.
         if failure.kind == "oom":
             self.oom_count += 1
-            limit = self.scheduler.back_off()  # counts what ran, so before releasing it
-            log.warning("GPU out of memory (%d so far): %s; running at most %d at once now",
-                        self.oom_count, failure.reason, limit)  # fmt: skip
+            preempted = self.scheduler.back_off()
+            log.warning(
+                "GPU out of memory (%d so far): %s; %d at once from now on, %d stepped back",
+                self.oom_count, failure.reason, self.scheduler.batch_limit, len(preempted),
+            )  # fmt: skip
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(seqs) > 1:
+                return  # the pass is retried with fewer: only a request alone fails for memory
         for seq in seqs:
             self._release(seq, failure.error)
-        if failure.kind == "oom" and torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 def _chunk(seq: Running, count: int) -> Chunk:

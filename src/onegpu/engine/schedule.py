@@ -19,8 +19,9 @@ The rules, in order, each step:
 4. Decode: every sequence past its prompt feeds one token.
 A request can always finish alone: the pool holds at least one full context (see loading).
 
-After a GPU out-of-memory the scheduler runs fewer sequences at once (`back_off`), and gives one
-back per run of requests that finished cleanly (`finished`).
+After a GPU out-of-memory the scheduler runs fewer sequences at once (`back_off`: the youngest
+step back and are recomputed later), and gives one back per run of requests that finished
+cleanly (`finished`).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # admission order
         self.reused_tokens = 0
         self.preemptions = 0
+        self.recomputed_tokens = 0  # positions computed again after a preemption
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -93,14 +95,19 @@ class Scheduler:
             "batch_limit": self.batch_limit,
             "reused_prompt_tokens": self.reused_tokens,
             "preemptions": self.preemptions,
+            "recomputed_tokens": self.recomputed_tokens,
         } | self.pool.stats()
 
-    def back_off(self) -> int:
+    def back_off(self) -> list[Sequence]:
         """An out-of-memory hit what is running: run one fewer than that from now on (at least
-        one). The new limit."""
+        one), the youngest stepping back to be recomputed. Those preempted."""
         self.batch_limit = max(1, min(self.batch_limit, len(self.running)) - 1)
         self._clean = 0
-        return self.batch_limit
+        preempted = []
+        while len(self.running) > self.batch_limit:
+            preempted.append(self.running[-1])
+            self._preempt(self.running[-1])
+        return preempted
 
     def finished(self) -> None:
         """A request finished cleanly: after RECOVER_AFTER of them, one more may run again."""
@@ -201,6 +208,8 @@ class Scheduler:
             self.pool.name(seq.table[index], names[index])  # others now wait for these
         seq.names = names
         seq.computed = seq.published = len(cached) * size
+        if seq.preemptions:
+            self.recomputed_tokens += target - seq.computed
         seq.reused = seq.computed
         self.reused_tokens += seq.computed
         seq.admitted = True

@@ -89,6 +89,11 @@ class Metrics:
             "Requests preempted (KV cache full) and recomputed later, since start",
             registry=self.registry,
         )
+        self.recomputed_tokens = Gauge(
+            "onegpu_recomputed_tokens",
+            "Positions computed again after a preemption, since start",
+            registry=self.registry,
+        )
         self.gpu_memory = Gauge(
             "onegpu_gpu_memory_bytes",
             "GPU memory by kind (allocated, peak, reserved, kv_cache)",
@@ -120,6 +125,7 @@ class Metrics:
         self.peak_running.set(stats["peak_running"])
         self.reused_tokens.set(stats["reused_prompt_tokens"])
         self.preemptions.set(stats["preemptions"])
+        self.recomputed_tokens.set(stats["recomputed_tokens"])
         for state in ("total", "in_use", "cached"):
             self.kv_blocks.labels(state).set(stats[f"blocks_{state}"])
         for kind, value in worker.engine.memory().items():
