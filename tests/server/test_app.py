@@ -186,3 +186,38 @@ def test_the_server_package_never_imports_torch():
 def test_responses_are_strict_json(tiny_client):
     raw = tiny_client.post("/process", json={**HELM_BODY, "max_new_tokens": 8}).text
     json.loads(raw, parse_constant=lambda c: pytest.fail(f"non-finite {c} in response"))
+
+
+def test_every_answer_carries_a_request_id(tiny_client):
+    mine = tiny_client.post(
+        "/process", json={"prompt": "hi", "max_new_tokens": 1}, headers={"X-Request-Id": "run-7.a"}
+    )
+    assert mine.headers["x-request-id"] == "run-7.a"  # the caller's own, echoed
+    made = tiny_client.get("/health")
+    assert len(made.headers["x-request-id"]) == 32  # none sent: one is made
+    unusable = tiny_client.get("/health", headers={"X-Request-Id": "a b\tc" * 30})
+    assert unusable.headers["x-request-id"] != "a b\tc" * 30  # not echoed into headers and logs
+
+
+def test_the_request_log_line_names_the_request_id(tiny_client, caplog):
+    caplog.set_level("INFO", logger="onegpu.engine.sequence")
+    tiny_client.post(
+        "/process", json={"prompt": "hi", "max_new_tokens": 1}, headers={"X-Request-Id": "job-42"}
+    )
+    assert any("request done: id=job-42 " in r.message for r in caplog.records)
+
+
+def test_health_says_the_version(tiny_client):
+    from onegpu import __version__
+
+    assert tiny_client.get("/health").json()["version"] == __version__
+
+
+def test_the_readme_lists_every_metric():
+    from pathlib import Path
+
+    from onegpu.server.metrics import Metrics
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    names = {metric.name for metric in Metrics().registry.collect()}
+    assert names and all(f"`{name}`" in readme for name in names), sorted(names)

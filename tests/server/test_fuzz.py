@@ -1,6 +1,8 @@
-"""Schema fuzzing: over 1,000 generated bodies (valid and invalid) against the app's own OpenAPI.
+"""Schema fuzzing: 1,200 generated bodies (valid and invalid) against the app's own OpenAPI, the
+challenge's routes and OpenAI's.
 
-No answer may be a 5xx, and every JSON answer must be strict JSON (no NaN or Infinity).
+No answer may be a 5xx, every JSON answer must be strict JSON (no NaN or Infinity), and OpenAI's
+routes answer a mistake in OpenAI's error shape.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from onegpu.settings import ServeSettings
 from tests.conftest import make_engine
 from tests.engine.conftest import ScriptedLM
 
-EXAMPLES_PER_MODE = 180  # x 2 modes x 3 operations = 1,080 bodies
+EXAMPLES_PER_MODE = 120  # x 2 modes x 5 operations = 1,200 bodies
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +39,9 @@ def test_fuzzed_bodies_never_get_a_5xx_or_non_finite_json(qwen_tokenizer):
     with TestClient(app):  # runs the lifespan: the engine worker is up for the fuzzer's calls
         schema = schemathesis.openapi.from_asgi("/openapi.json", app)
         operations = [result.ok() for result in schema.get_all_operations()]
-        assert {op.path for op in operations} >= {"/process", "/tokenize", "/decode"}
+        assert {op.path for op in operations} >= {
+            "/process", "/tokenize", "/decode", "/v1/completions", "/v1/chat/completions"
+        }  # fmt: skip
         for operation in operations:
             if operation.method.upper() != "POST":
                 continue
@@ -63,6 +67,12 @@ def _fuzz(operation, mode, calls: Counter[str]) -> None:
         calls[f"{operation.path} {mode.value} {response.status_code}"] += 1
         assert response.status_code < 500, (case.body, response.text)
         if "json" in str(response.headers.get("content-type")):
-            json.loads(response.text, parse_constant=_reject_constant)
+            body = json.loads(response.text, parse_constant=_reject_constant)
+            if operation.path.startswith("/v1/") and response.status_code >= 400:
+                assert set(body.get("error", {})) == {"message", "type", "param", "code"}, (
+                    response.status_code,
+                    body,
+                    case.body,
+                )
 
     check()

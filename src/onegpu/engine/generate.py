@@ -111,6 +111,10 @@ class Engine:
         """Text for `ids`; raises InvalidRequestError for ids outside the vocabulary."""
         return self.text.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The prompt for a conversation, by the tokenizer's chat template."""
+        return self.text.chat(messages)
+
     # -- state ----------------------------------------------------------------------------------
 
     @property
@@ -170,7 +174,10 @@ class Engine:
         """Queue `request` for the next steps; its outcome goes to `future` (at once for one
         that cannot be served, such as a prompt too long for the window)."""
         try:
-            prompt_ids = self.tokenize(request.prompt)
+            if request.prompt_ids is not None:
+                prompt_ids = self.text.checked(request.prompt_ids)
+            else:
+                prompt_ids = self.tokenize(request.prompt)
             seq = start(
                 self._keys + 1,
                 request,
@@ -266,7 +273,7 @@ class Engine:
             future.set_exception(outcome)
             return
         completion = outcome.finish(self.text.raw)
-        log_done(completion, reused=seq.reused)
+        log_done(completion, reused=seq.reused, request_id=outcome.request.request_id)
         future.set_result(completion)
         self.scheduler.finished()
 

@@ -118,11 +118,14 @@ class Output:
         request = self.request
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        if token_id in self.eos_ids:
-            self.finish_reason = "eos"
-            return False
         # Logprobs come from the raw logits, not from the suppressed or warped scores.
         top = dict(list(score.top.items())[: request.top_k_per_token])
+        if token_id in self.eos_ids:
+            self.finish_reason = "eos"
+            if request.keep_eos:
+                self.scored.append(Scored(token_id, score.logprob, top))
+                self.pieces.append("")
+            return False
         self.scored.append(Scored(token_id, score.logprob, top))
         piece = self.detok.push(token_id)
         self.pieces.append(piece)
@@ -179,12 +182,13 @@ class Output:
         ]
 
 
-def log_done(completion: Completion, *, reused: int) -> None:
+def log_done(completion: Completion, *, reused: int, request_id: str | None) -> None:
     """The one log line per request: sizes, time, speed, how it ended (never its text)."""
     seconds = completion.seconds
     log.info(
-        "request done: prompt_tokens=%d reused=%d new_tokens=%d seconds=%.3f tokens_per_s=%.1f "
-        "finish=%s",
+        "request done: id=%s prompt_tokens=%d reused=%d new_tokens=%d seconds=%.3f "
+        "tokens_per_s=%.1f finish=%s",
+        request_id or "-",
         completion.prompt_tokens,
         reused,
         completion.new_tokens,
@@ -215,7 +219,7 @@ def start(
         raise ContextWindowError(len(prompt_ids), request.max_new_tokens, max_context)
     if request.stop_sequences:
         stops = StopMatcher(hard=tuple(request.stop_sequences))
-    elif request.max_new_tokens > 1:
+    elif request.max_new_tokens > 1 and request.default_stop:
         stops = StopMatcher(soft=default_stop)
     else:
         stops = StopMatcher()

@@ -49,17 +49,34 @@ class Text:
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """Text for `ids`; raises InvalidRequestError for ids outside the vocabulary."""
+        return self._decode(self.checked(ids), skip_special_tokens=skip_special_tokens)
+
+    def checked(self, ids: Sequence[int]) -> list[int]:
+        """`ids` as a list, or InvalidRequestError naming those outside the vocabulary."""
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise InvalidRequestError(
                 f"token ids must be in [0, {self.vocab_size}); got {bad[:5]}"
                 + (" ..." if len(bad) > 5 else "")
             )
-        return self._decode(ids, skip_special_tokens=skip_special_tokens)
+        return list(ids)
 
     def raw(self, ids: Sequence[int]) -> str:
         """Text for generated ids, special tokens kept (no range check: the model bounds them)."""
         return self._decode(ids, skip_special_tokens=False)
+
+    def chat(self, messages: list[dict[str, str]]) -> str:
+        """The prompt for `messages` ({"role", "content"} each) by the tokenizer's own chat
+        template, ending where the assistant's answer begins."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError("this model's tokenizer has no chat template")
+        try:
+            with self._lock:
+                return self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
+        except Exception as exc:  # a template's own checks (roles out of order, ...)
+            raise InvalidRequestError(f"the chat template refused the messages: {exc}") from None
 
     def start_token(self) -> int:
         """What an empty prompt feeds the model: the BOS token, else EOS, else 0."""

@@ -26,6 +26,15 @@ class GenerationRequest:
     top_k_per_token: int = 1
     stop_sequences: tuple[str, ...] = ()
     min_new_tokens: int = 1
+    # With no stop_sequences, end at the server's default cut (--default-stop; the challenge's
+    # /process); OpenAI's routes generate to max_new_tokens or the end of text instead.
+    default_stop: bool = True
+    request_id: str | None = None  # named in the request's log line
+    # Token ids given instead of text (OpenAI's prompt may be ids): fed as they are.
+    prompt_ids: tuple[int, ...] | None = None
+    # An end-of-text is returned as a token of its own (no text), with its logprob, as OpenAI's
+    # servers do: lm-evaluation-harness counts on one token after an echoed prompt.
+    keep_eos: bool = False
 
     @property
     def greedy(self) -> bool:

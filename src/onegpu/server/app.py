@@ -1,4 +1,5 @@
-"""The FastAPI application: the challenge's endpoints (`routes`) over one engine worker.
+"""The FastAPI application: the challenge's endpoints (`routes`) and OpenAI's (`openai_routes`)
+over one engine worker.
 
 This module never imports torch: the engine is loaded by the caller (`onegpu serve` loads it
 before the port opens; tests build small ones) and handed to `create_app`.
@@ -14,9 +15,10 @@ from fastapi.concurrency import run_in_threadpool
 
 from onegpu import __version__
 from onegpu.engine.worker import EngineWorker
-from onegpu.server import errors
+from onegpu.server import errors, openai_routes
 from onegpu.server.limits import BodySizeLimit
 from onegpu.server.metrics import Metrics
+from onegpu.server.request_id import RequestId
 from onegpu.server.routes import ServerState, router
 from onegpu.settings import ServeSettings
 
@@ -43,5 +45,7 @@ def create_app(settings: ServeSettings, engine) -> FastAPI:
     app.state.onegpu = ServerState(settings=settings, metrics=Metrics())
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestId)
     app.include_router(router)
+    app.include_router(openai_routes.router)
     return app

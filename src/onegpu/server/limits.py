@@ -28,7 +28,7 @@ class BodySizeLimit:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+            await self._refuse(scope, send)
             return
         # Read the body here (bounded), then replay it: the app never sees an oversized one.
         chunks: list[bytes] = []
@@ -41,7 +41,7 @@ class BodySizeLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                await self._refuse(send)
+                await self._refuse(scope, send)
                 return
             if not message.get("more_body", False):
                 break
@@ -57,10 +57,14 @@ class BodySizeLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send) -> None:
-        body = json.dumps(
-            {"detail": f"request body exceeds the limit of {self.max_bytes} bytes"}
-        ).encode()
+    async def _refuse(self, scope, send) -> None:
+        message = f"request body exceeds the limit of {self.max_bytes} bytes"
+        if scope.get("path", "").startswith("/v1/"):  # OpenAI's routes answer in its shape
+            content = {"error": {"message": message, "type": "invalid_request_error",
+                                 "param": None, "code": None}}  # fmt: skip
+        else:
+            content = {"detail": message}
+        body = json.dumps(content).encode()
         await send(
             {
                 "type": "http.response.start",

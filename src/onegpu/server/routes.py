@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
+from onegpu import __version__
 from onegpu.engine.types import (
     Completion,
     EngineError,
@@ -52,6 +53,11 @@ def state_of(request: Request) -> ServerState:
     return request.app.state.onegpu
 
 
+def request_id_of(request: Request) -> str | None:
+    """The id the RequestId middleware gave this request (None outside the app)."""
+    return getattr(request.state, "request_id", None)
+
+
 def worker_of(request: Request) -> EngineWorker:
     """The running engine worker, or EngineUnavailableError (503)."""
     worker = state_of(request).worker
@@ -88,7 +94,7 @@ async def process(body: ProcessRequest, request: Request) -> ProcessResponse:
     started = time.perf_counter()
     metrics = state_of(request).metrics
     try:
-        completion = await complete(request, body.to_engine())
+        completion = await complete(request, body.to_engine(request_id_of(request)))
     except EngineError as exc:
         metrics.failed("process", exc)
         raise
@@ -128,10 +134,11 @@ async def health(request: Request, response: Response) -> Health:
     worker = state_of(request).worker
     if worker is None or not worker.alive:
         response.status_code = 503
-        return Health(status="unavailable")
+        return Health(status="unavailable", version=__version__)
     info = worker.engine.info
     return Health(
         status="ready",
+        version=__version__,
         model=info.name,
         device=info.device,
         quantization=info.quantization,

@@ -58,7 +58,7 @@ class ProcessRequest(_Request):
         default_factory=list, max_length=MAX_STOP_SEQUENCES
     )
 
-    def to_engine(self) -> GenerationRequest:
+    def to_engine(self, request_id: str | None = None) -> GenerationRequest:
         return GenerationRequest(
             prompt=self.prompt,
             max_new_tokens=self.max_new_tokens,
@@ -69,6 +69,7 @@ class ProcessRequest(_Request):
             echo_prompt=self.echo_prompt,
             top_k_per_token=self.top_k_per_token,
             stop_sequences=tuple(s for s in self.stop_sequences if s),
+            request_id=request_id,
         )
 
 
@@ -119,6 +120,7 @@ class DecodeResponse(BaseModel):
 
 class Health(BaseModel):
     status: str
+    version: str  # onegpu's
     model: str | None = None
     device: str | None = None
     quantization: str | None = None
