@@ -17,7 +17,8 @@ once, cached in --out). Variants:
 - deterministic: `--deterministic`.
 
 Prints one table (accuracy served and reference, agreement, seconds, tokens/s, and whether the
-answers alone equal the answers among 30) and writes accuracy.json to --out. When the package
+answers alone equal the answers among 30) and writes accuracy.json to --out, a variant at a time
+(variants measured before with the same model and items stay in it). When the package
 index cannot be reached it says so and exits 0 with nothing measured.
 """
 
@@ -30,7 +31,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from tqdm import tqdm
@@ -38,7 +39,7 @@ from tqdm import tqdm
 from onegpu.evaluate import assets, tasks
 from onegpu.evaluate.client import ask, ask_all, wait_ready
 from onegpu.evaluate.reference import Answer, Reference
-from onegpu.evaluate.report import compare, differences, markdown
+from onegpu.evaluate.report import Row, compare, differences, markdown
 from onegpu.gguf import converted
 
 VARIANTS = {
@@ -178,7 +179,13 @@ def main() -> int:
     items = build_items(data, args, lambda text: len(tokenizer(text)["input_ids"]))
     print(f"{len(items)} items; reference answers from transformers ...", flush=True)
     reference = reference_answers(folder, items, args.out, plain=args.plain_reference)
-    rows_by_run, results = {}, {"model": args.model, "items": len(items), "variants": {}}
+    # Variants run before with the same model and items are kept: each one is written as it ends.
+    results = {"model": args.model, "items": len(items), "variants": {}}
+    saved = args.out / "accuracy.json"
+    if saved.is_file():
+        before = json.loads(saved.read_text())
+        if (before["model"], before["items"]) == (args.model, len(items)):
+            results = before
     for name in args.variants.split(","):
         model, extra = gguf_file, {}
         if name == "gptq8":
@@ -186,7 +193,6 @@ def main() -> int:
         rows, among, alone_seconds, differ = run_variant(
             name, model, VARIANTS[name], items, reference, args, args.out
         )
-        rows_by_run[name] = rows
         results["variants"][name] = {
             "rows": [asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in rows],
             "alone_seconds": alone_seconds,
@@ -194,8 +200,16 @@ def main() -> int:
             **extra,
         }
         print(f"  {name}: {len(differ)} answers alone differ from among {args.clients}", flush=True)
-    (args.out / "accuracy.json").write_text(json.dumps(results, indent=2))
-    print(markdown(rows_by_run))
+        saved.write_text(json.dumps(results, indent=2))
+    names = [f.name for f in fields(Row)]
+    print(
+        markdown(
+            {
+                name: [Row(**{k: row[k] for k in names}) for row in result["rows"]]
+                for name, result in results["variants"].items()
+            }
+        )
+    )
     for name, result in results["variants"].items():
         alone = result["alone_seconds"]
         print(f"{name}: one at a time {alone}; alone differs: {len(result['alone_differs'])}")
