@@ -131,6 +131,14 @@ class ServeSettings(JobSettings):
         description="batch-invariant kernels: a greedy answer is bit-identical alone or among "
         "others, cached or not (costs speed; see the README)",
     )
+    speculative_tokens: int = Field(
+        ENGINE.speculative_tokens,
+        ge=0,
+        le=16,
+        description="greedy requests draft this many tokens from their own text and verify them "
+        "in one pass (prompt lookup; each token is still the model's greedy choice, and the "
+        "answer bit-identical to one without it under --deterministic); 0 turns it off",
+    )
     max_queue: int = Field(256, ge=1, description="requests allowed to wait; more get 503")
     request_timeout_s: float = Field(
         1800, gt=0, description="a request still unanswered after this gets 503 and is dropped"

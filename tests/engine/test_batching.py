@@ -172,7 +172,7 @@ def test_out_of_memory_in_a_batch_retries_it_with_fewer_and_nobody_fails(qwen_to
     while not all(future.done() for future in futures):
         engine.step()  # a prefill pass, the decode pass that fails, then the retries
     assert [future.result().text for future in futures] == [" one two three four"] * 3
-    assert engine.oom_count == 1
+    assert engine.guard.oom_count == 1
     assert engine.scheduler.batch_limit == 2  # three ran together and failed: fewer at once now
     assert engine.scheduler.preemptions == 1  # the youngest stepped back and was recomputed
     assert engine.pool.in_use == 0

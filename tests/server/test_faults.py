@@ -61,7 +61,7 @@ def test_an_out_of_memory_fails_only_the_request_that_causes_it(qwen_tokenizer, 
     assert codes.pop(f"question{POISON}") == 503
     assert set(codes.values()) == {200}
     assert all(a.json()["text"] == " fine thanks" for a in answers if a.status_code == 200)
-    assert engine.oom_count >= 1 and engine.pool.in_use == 0
+    assert engine.guard.oom_count >= 1 and engine.pool.in_use == 0
 
 
 def test_a_request_cancelled_mid_prefill_leaves_nothing_behind(qwen_tokenizer):

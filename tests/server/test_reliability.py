@@ -94,7 +94,7 @@ def test_out_of_memory_answers_503_and_the_next_request_succeeds(qwen_tokenizer)
         second = client.post("/process", json={"prompt": "hello", "temperature": 0})
         assert second.status_code == 200 and second.json()["text"] == " fine thanks"
         assert client.get("/health").status_code == 200
-    assert engine.oom_count == 1
+    assert engine.guard.oom_count == 1
 
 
 def test_a_cuda_fault_marks_the_server_not_ready(qwen_tokenizer):

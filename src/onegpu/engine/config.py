@@ -39,3 +39,5 @@ class EngineConfig:
     prefix_cache: bool = True
     # Batch-invariant kernels: a greedy answer bit-identical whatever shares its batch.
     deterministic: bool = False
+    # Prompt-lookup speculation for greedy requests: tokens drafted per decode row (0: off).
+    speculative_tokens: int = 0

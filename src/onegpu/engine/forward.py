@@ -22,6 +22,7 @@ import torch
 
 from onegpu.engine.attention import Pass, install, prefill_tiles
 from onegpu.engine.blocks import NULL_BLOCK
+from onegpu.engine.invariant import make_invariant
 from onegpu.engine.kvcache import PagedKVCache, slot_of
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,8 @@ class Forward:
                 f"{cache.num_blocks} blocks of {cache.block_size} cannot hold one "
                 f"{max_context}-token context (plus the null block)"
             )
+        if invariant:  # every projection computes a row alike whatever the rows beside it
+            make_invariant(model)
         install(model)
         self.model = model
         self.cache = cache

@@ -4,7 +4,8 @@ A step is three moves (`Engine.step`):
 - schedule: `schedule.Scheduler` starts waiting requests whose blocks fit, reusing the cached
   blocks of any prompt prefix it has seen (`blocks`), and preempts when memory runs out;
 - run: the prompts being started share one packed prefill pass, long ones in chunks, and every
-  sequence past its prompt decodes one token (a CUDA graph per batch size; `forward`);
+  sequence past its prompt decodes one token (a CUDA graph per batch size; `forward`), or with
+  the tokens it guessed to follow (`speculate`), all in one packed pass that verifies them;
 - post-process: tokens are chosen and scored for the whole batch at once (`scoring`) and
   recorded per request (`sequence.Output`); finished requests give their blocks back and get
   their result.
@@ -17,20 +18,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from functools import partial
 
 import torch
 
 from onegpu.device import cuda_memory
 from onegpu.engine.blocks import BlockPool
 from onegpu.engine.config import EngineConfig
-from onegpu.engine.failures import classify
+from onegpu.engine.failures import Guard
 from onegpu.engine.forward import Chunk, Forward, Row
-from onegpu.engine.invariant import make_invariant
 from onegpu.engine.kvcache import PagedKVCache
 from onegpu.engine.schedule import Scheduler
 from onegpu.engine.scoring import choose, prompt_scores, score
-from onegpu.engine.sequence import Output, log_done, start
+from onegpu.engine.sequence import Output, Scored, log_done, start
 from onegpu.engine.sequence import Sequence as Running
+from onegpu.engine.speculate import Speculation
 from onegpu.engine.text import Text, eos_ids
 from onegpu.engine.types import (
     Completion,
@@ -71,19 +73,19 @@ class Engine:
         self.info = info
         self.config = config
         self.device = torch.device(info.device)
-        block = config.block_size
         generation = getattr(model, "generation_config", None)
         self.text = Text(tokenizer, info.vocab_size, eos_ids(tokenizer, model.config, generation))
-        self.cache = PagedKVCache(num_blocks, block, kv_dtype=config.kv_cache_dtype)
-        self.pool = BlockPool(num_blocks, block)
+        scores = {"token_text": self.text.piece, "invariant": config.deterministic}
+        self._score = partial(score, **scores)
+        self._prompt_scores = partial(prompt_scores, **scores)
+        self.cache = PagedKVCache(num_blocks, config.block_size, kv_dtype=config.kv_cache_dtype)
+        self.pool = BlockPool(num_blocks, config.block_size)
         self.scheduler = Scheduler(
             self.pool,
             max_batch=config.max_batch,
             prefill_chunk=config.prefill_chunk,
             prefix_cache=config.prefix_cache,
         )
-        if config.deterministic:
-            make_invariant(model)
         self.forward = Forward(
             model,
             self.cache,
@@ -94,10 +96,15 @@ class Engine:
             invariant=config.deterministic,
         )
         self._keys = 0
-        self.oom_count = 0
+        self.speculation = Speculation(config.speculative_tokens)
+        self.guard = Guard(self.scheduler, self._release)  # runs each pass, contains its failure
         self.prompt_tokens = 0
         self.peak_running = 0
-        self.fatal: EngineFatalError | None = None
+
+    @property
+    def fatal(self) -> EngineFatalError | None:
+        """The GPU fault that ended this engine, if one did (readiness turns 503)."""
+        return self.guard.fatal
 
     # -- text <-> ids (the server calls these from its threads) ------------------------------
 
@@ -129,20 +136,19 @@ class Engine:
 
     @property
     def has_room(self) -> bool:
-        """Whether `admit` should take another request now (the rest wait in the worker's
-        bounded queue): while fewer than one batch waits for memory here."""
+        """Whether `admit` should take another request now: while less than a batch waits."""
         return len(self.scheduler.waiting) < self.scheduler.batch_limit
 
     def stats(self) -> dict[str, int]:
         """Counters for metrics and benchmarks."""
         engine = {"running": self.running, "peak_running": self.peak_running}
-        return engine | {"prompt_tokens": self.prompt_tokens} | self.scheduler.stats()
+        counts = {"prompt_tokens": self.prompt_tokens} | self.speculation.stats()
+        return engine | counts | self.scheduler.stats()
 
     def memory(self) -> dict[str, int]:
         """GPU memory in bytes (allocated now, peak, reserved, KV cache); empty on the CPU."""
-        if self.device.type != "cuda":
-            return {}
-        return cuda_memory(self.device) | {"kv_cache": self.cache.nbytes()}
+        on_gpu = self.device.type == "cuda"
+        return cuda_memory(self.device) | {"kv_cache": self.cache.nbytes()} if on_gpu else {}
 
     def warmup(self) -> None:
         """Allocate the KV cache and capture the decode graphs before the first request."""
@@ -155,8 +161,7 @@ class Engine:
     def generate(
         self, request: GenerationRequest, *, cancelled: Callable[[], bool] | None = None
     ) -> Completion:
-        """Run one request to completion (tests, benchmarks, CLI; others may share its steps);
-        raises what it failed with (InvalidRequestError, EngineOverloadedError, ...)."""
+        """Run one request to completion (tests, benchmarks); raises what it failed with."""
         future: Future[Completion] = Future()
         future.set_running_or_notify_cancel()
         self.admit(request, future, cancelled=cancelled)
@@ -205,16 +210,18 @@ class Engine:
         for seq in [*self.scheduler.waiting, *self.scheduler.running]:
             if seq.output.cancelled():
                 self._release(seq, RequestCancelledError("the request was cancelled"))
+        self.speculation.draft(self.scheduler.running)
         plan = self.scheduler.plan()
         for seq in plan.preempted:
             log.info("preempted request %d (KV cache full); it will be recomputed", seq.key)
         self.peak_running = max(self.peak_running, self.running)
         if plan.prefill:
-            self._guarded([seq for seq, _ in plan.prefill], lambda: self._prefill(plan.prefill))
+            self.guard([seq for seq, _ in plan.prefill], lambda: self._prefill(plan.prefill))
         # Not those finished, failed or stepped back (an out-of-memory) in the prefill above.
         decoding = [seq for seq in plan.decode if seq.admitted and not seq.output.future.done()]
         if decoding:
-            self._guarded(decoding, lambda: self._decode(decoding))
+            run = self._verify if any(seq.draft for seq in decoding) else self._decode
+            self.guard(decoding, partial(run, decoding))
 
     # -- run ------------------------------------------------------------------------------------
 
@@ -225,12 +232,8 @@ class Engine:
         outputs = self.forward.prefill(chunks)
         for (seq, count), chunk, logits in zip(work, chunks, outputs, strict=True):
             out = seq.output
-            if chunk.logits == "all":
-                k = out.request.top_k_per_token
-                invariant = self.config.deterministic
-                scores = prompt_scores(
-                    out.prompt_ids, chunk.start, logits, k, self.text.piece, invariant=invariant
-                )
+            if chunk.logits == "all":  # an echoed prompt, scored as its chunks go by
+                scores = self._prompt_scores(out.prompt_ids, chunk.start, logits, out.alternatives)
                 out.prompt_scores.update(enumerate(scores, start=chunk.start + 1))
             self.scheduler.computed(seq, count)
             if seq.computed == seq.target and not seq.generated:
@@ -249,19 +252,41 @@ class Engine:
             self.scheduler.computed(seq, 1)
         self._advance(seqs, logits)
 
+    def _verify(self, seqs: list[Running]) -> None:
+        """One packed pass over each sequence's last token and its draft (`speculate`); those
+        without a draft decode their one token in it."""
+        outputs = self.forward.prefill([self.speculation.chunk(seq) for seq in seqs])
+        plain = [(seq, logits) for seq, logits in zip(seqs, outputs, strict=True) if not seq.draft]
+        for seq, logits in zip(seqs, outputs, strict=True):
+            self.scheduler.computed(seq, 1)
+            if seq.draft:
+                chosen = self.speculation.judge(seq, logits)  # the accepted run, and one more
+                self._take(seq, self._score(logits[: len(chosen)], chosen, seq.output.alternatives))
+        if plain:
+            self._advance([seq for seq, _ in plain], torch.cat([logits for _, logits in plain]))
+
     # -- post-process ---------------------------------------------------------------------------
 
     def _advance(self, seqs: list[Running], logits: torch.Tensor) -> None:
         """Choose, score and record the next token of each of `seqs` from its logits [n, V]."""
         outputs = [seq.output for seq in seqs]
         chosen = choose(logits, outputs)  # [n] on the device
-        k = max(out.request.top_k_per_token for out in outputs)
-        scored = score(logits, chosen, k, self.text.piece, invariant=self.config.deterministic)
-        for seq, out, item in zip(seqs, outputs, scored, strict=True):
+        scored = self._score(logits, chosen, max(out.alternatives for out in outputs))
+        for seq, item in zip(seqs, scored, strict=True):
+            self._take(seq, [item])
+
+    def _take(self, seq: Running, items: list[Scored]) -> None:
+        """Record `seq`'s new tokens in order, until one ends the request. All but the last
+        are in the cache already (a verified draft), counted as they join `seq.ids`."""
+        out = seq.output
+        for index, item in enumerate(items):
+            if index:
+                self.scheduler.computed(seq, 1)
             if out.record(item.token_id, item):
                 seq.ids.append(item.token_id)
             if out.done:
                 self._release(seq, out)
+                return
 
     def _release(self, seq: Running, outcome: Output | BaseException) -> None:
         """Finish `seq`: give its blocks back and deliver its result (or error)."""
@@ -276,41 +301,6 @@ class Engine:
         log_done(completion, reused=seq.reused, request_id=outcome.request.request_id)
         future.set_result(completion)
         self.scheduler.finished()
-
-    def _guarded(self, seqs: list[Running], work: Callable[[], None]) -> None:
-        """Run `work` for `seqs`; a failure fails those requests, and only a GPU fault more.
-
-        An out-of-memory fails a request only when it ran alone: a larger pass is retried with
-        fewer requests at once, the youngest stepping back to be recomputed later.
-        """
-        try:
-            with torch.no_grad():
-                work()
-            return
-        except Exception as exc:
-            failure = classify(exc)
-            if failure.kind == "fatal":
-                self.fatal = failure.error  # before any caller hears: readiness turns 503 first
-                for seq in [*self.scheduler.waiting, *self.scheduler.running, *seqs]:
-                    self._release(seq, failure.error)
-                raise failure.error from exc
-            if failure.kind == "bug":
-                log.exception("request failed inside the engine")
-        # Out of the except block, the traceback (and the activations its frames held) is gone,
-        # so emptying the allocator's cache really returns that memory.
-        if failure.kind == "oom":
-            self.oom_count += 1
-            preempted = self.scheduler.back_off()
-            log.warning(
-                "GPU out of memory (%d so far): %s; %d at once from now on, %d stepped back",
-                self.oom_count, failure.reason, self.scheduler.batch_limit, len(preempted),
-            )  # fmt: skip
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if len(seqs) > 1:
-                return  # the pass is retried with fewer: only a request alone fails for memory
-        for seq in seqs:
-            self._release(seq, failure.error)
 
 
 def _chunk(seq: Running, count: int) -> Chunk:

@@ -2,9 +2,11 @@
 which sequences decode, and who gives memory back when the pool runs dry.
 
 The rules, in order, each step:
-1. Grow: every decoding sequence gets the block its next position needs. With no block left,
-   the youngest running sequence is preempted (its blocks go back; it waits at the head of the
-   queue and is recomputed later, mostly from the prefix cache), so the oldest always advances.
+1. Grow: every decoding sequence gets the blocks its next positions need (its token, and any
+   tokens drafted to verify with it, which are dropped first when memory is short). With no
+   block left, the youngest running sequence is preempted (its blocks go back; it waits at the
+   head of the queue and is recomputed later, mostly from the prefix cache), so the oldest
+   always advances.
    Memory is taken lazily, one block at a time, rather than reserved for `max_new_tokens` up
    front: HELM asks for 400 tokens and stops at the first blank line after 50.
 2. Admit: waiting sequences in arrival order, while the batch has room and the pool has the
@@ -148,10 +150,14 @@ class Scheduler:
         for seq in list(self.running):
             if seq not in self.running or not seq.decoding:
                 continue  # preempted meanwhile, or still prefilling (its blocks are allocated)
-            while seq.computed // self.pool.block_size >= len(seq.table):
+            # The positions this decode writes: its token, and any drafted tokens after it.
+            while (seq.computed + len(seq.draft)) // self.pool.block_size >= len(seq.table):
                 try:
                     seq.table += self.pool.allocate(1)
                 except OutOfBlocks:
+                    if seq.draft:  # guesses are the first thing to give up
+                        seq.draft = []
+                        continue
                     victim = self.running[-1]
                     self._preempt(victim)
                     plan.preempted.append(victim)

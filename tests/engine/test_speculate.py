@@ -1,0 +1,167 @@
+"""Prompt-lookup drafts and how many of them the model's own choices keep."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from onegpu.engine.blocks import block_hashes
+from onegpu.engine.speculate import accepted, propose
+from onegpu.engine.types import GenerationRequest
+from tests.conftest import make_engine
+from tests.engine.test_batching import REQUESTS, assert_same, run_interleaved
+
+
+@pytest.mark.parametrize(
+    ("ids", "k", "draft"),
+    [
+        ([1, 2, 3, 4, 9, 1, 2, 3], 2, [4, 9]),  # the ending 1 2 3 was followed by 4 9
+        ([1, 2, 3, 4, 9, 1, 2, 3], 9, [4, 9, 1, 2, 3]),  # what follows, up to the end
+        ([5, 1, 2, 7, 1, 2, 8, 1, 2], 3, [8, 1, 2]),  # the latest occurrence wins
+        ([4, 5, 6, 6], 2, [6]),  # only the one-token ending occurred before
+        ([1, 2, 3], 4, []),  # no ending occurred before
+        ([7, 7, 7, 7], 3, [7]),  # never the ending itself: what follows its previous copy
+        ([1, 2, 1, 2], 0, []),  # nothing asked for
+        ([], 3, []),
+    ],
+)
+def test_propose_continues_the_latest_earlier_occurrence_of_the_ending(ids, k, draft):
+    assert propose(ids, k) == draft
+
+
+@pytest.mark.parametrize(
+    ("draft", "chosen", "kept"),
+    [
+        ([4, 9, 1], [4, 9, 1, 6], 3),  # all agree: k + 1 tokens come out of the pass
+        ([4, 9, 1], [4, 8, 1, 6], 1),  # the first disagreement ends the run
+        ([4, 9, 1], [5, 9, 1, 6], 0),  # only the model's own token
+        ([], [3], 0),
+    ],
+)
+def test_accepted_is_the_run_the_model_agrees_with(draft, chosen, kept):
+    assert accepted(draft, chosen) == kept
+
+
+# -- through the engine ---------------------------------------------------------------------------
+
+EOS = 151643
+
+
+class BigramLM(torch.nn.Module):
+    """Each token's logits put `margin` on the one `following` maps it to (end-of-text for the
+    rest): greedy answers walk the map, so a prompt that cycles drafts what the model agrees to."""
+
+    def __init__(self, following: dict[int, int], vocab_size: int, margin: float = 8.0):
+        super().__init__()
+        self.config = SimpleNamespace(eos_token_id=EOS)
+        self.generation_config = SimpleNamespace(eos_token_id=EOS)
+        self._anchor = torch.nn.Parameter(torch.zeros(1))
+        self.table = torch.full((vocab_size,), EOS)
+        for token, after in following.items():
+            self.table[token] = after
+        self.margin = margin
+        self.passes = 0
+
+    def set_attn_implementation(self, name: str) -> None:
+        """It has no attention layers: the paged attention is never called."""
+
+    def forward(self, input_ids, position_ids, onegpu_pass, logits_to_keep=0, **_):
+        self.passes += 1
+        ids = input_ids if onegpu_pass.decode else input_ids[:, logits_to_keep]
+        logits = torch.zeros(*ids.shape, len(self.table))
+        logits.scatter_(-1, self.table[ids].unsqueeze(-1), self.margin)
+        return SimpleNamespace(logits=logits)
+
+
+CYCLE = [9707, 11, 1879, 0]  # "Hello", ",", " world", "!"
+
+
+def bigram_engine(tokenizer, k, **config):
+    following = {a: b for a, b in zip(CYCLE, CYCLE[1:] + CYCLE[:1], strict=True)}
+    model = BigramLM(following, vocab_size=len(tokenizer))
+    return make_engine(model, tokenizer, speculative_tokens=k, default_stop=(), **config), model
+
+
+def greedy(ids, **kwargs):
+    return GenerationRequest(prompt="", prompt_ids=tuple(ids), temperature=0, **kwargs)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_a_repeating_answer_takes_several_tokens_per_pass(qwen_tokenizer, k):
+    plain, plain_model = bigram_engine(qwen_tokenizer, 0)
+    fast, fast_model = bigram_engine(qwen_tokenizer, k, block_size=4)
+    request = greedy(CYCLE * 2, max_new_tokens=21, top_k_per_token=2)
+    want, got = plain.generate(request), fast.generate(request)
+    assert got.token_ids == want.token_ids == (CYCLE * 6)[:21]
+    assert [t.logprob for t in got.tokens] == [t.logprob for t in want.tokens]
+    assert [t.top_logprob for t in got.tokens] == [t.top_logprob for t in want.tokens]
+    stats = fast.stats()
+    # Every draft is right: each verifying pass yields k + 1 tokens, the first pass one.
+    assert stats["speculation_accepted"] == stats["speculation_drafted"] > 0
+    assert fast_model.passes == 1 + -(-20 // (k + 1))
+    assert plain_model.passes == 21
+    assert fast.pool.in_use == 0
+    # The blocks it filled are cached under the names of what they hold (the last token never
+    # went into the cache), so a later prompt that starts with this answer reuses them.
+    names = block_hashes(list(request.prompt_ids) + got.token_ids[:-1], 4)
+    assert len(fast.pool.match(names).blocks) == len(names) == 7
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "reason", "count"),
+    [
+        ({"max_new_tokens": 6}, "length", 6),  # the draft is cut to what the request may take
+        # a stop inside a run
+        ({"max_new_tokens": 30, "stop_sequences": ("world!Hello",)}, "stop", 3),
+        ({"max_new_tokens": 30, "min_new_tokens": 7}, "length", 30),  # no drafts before 7
+    ],
+)
+def test_an_answer_ends_where_it_would_without_drafts(
+    qwen_tokenizer, request_kwargs, reason, count
+):
+    request = greedy(CYCLE * 2, **request_kwargs)
+    want = bigram_engine(qwen_tokenizer, 0)[0].generate(request)
+    engine = bigram_engine(qwen_tokenizer, 4)[0]
+    got = engine.generate(request)
+    assert (got.token_ids, got.text, got.finish_reason) == (
+        want.token_ids,
+        want.text,
+        want.finish_reason,
+    )
+    assert got.finish_reason == reason and len(got.token_ids) == count
+    assert engine.pool.in_use == 0
+
+
+def test_end_of_text_inside_a_verified_run_ends_the_answer(qwen_tokenizer):
+    # "Hello , world" then end-of-text, then "Hello" again: the draft after it is ", world <eos>",
+    # which the model agrees with up to and including the end of text.
+    engine, _ = bigram_engine(qwen_tokenizer, 4)
+    engine.model.table[1879] = EOS  # " world" now ends the text
+    got = engine.generate(greedy([9707, 11, 1879, EOS, 9707], max_new_tokens=20))
+    assert got.token_ids == [11, 1879] and got.finish_reason == "eos"
+    assert engine.stats()["speculation_accepted"] >= 2
+    assert engine.pool.in_use == 0
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_answers_are_those_of_plain_decoding(tiny_qwen_model, qwen_tokenizer, deterministic):
+    """Greedy, seeded, echo and min-new-token requests in one interleaved batch on a real
+    (random) model: drafts mostly fail here, and what comes out must not change."""
+    config = {"max_batch": 7, "default_stop": (), "deterministic": deterministic}
+    plain = make_engine(tiny_qwen_model, qwen_tokenizer, **config)
+    want = run_interleaved(plain, REQUESTS, join_every=1)
+    fast = make_engine(tiny_qwen_model, qwen_tokenizer, speculative_tokens=3, **config)
+    got = run_interleaved(fast, REQUESTS, join_every=1)
+    for a, b in zip(want, got, strict=True):
+        if deterministic:
+            assert (b.token_ids, b.tokens, b.finish_reason) == (
+                a.token_ids,
+                a.tokens,
+                a.finish_reason,
+            )
+        else:
+            assert_same(a, b)
+    assert fast.stats()["speculation_drafted"] > 0
+    assert fast.pool.in_use == 0
