@@ -48,13 +48,6 @@ VARIANTS = {
     "int8kv": ["--kv-cache-dtype", "int8"],
     "deterministic": ["--deterministic"],
 }
-MMLU_SUBJECTS = [
-    "abstract_algebra", "anatomy", "college_biology", "college_chemistry", "computer_security",
-    "econometrics", "high_school_geography", "high_school_us_history", "human_sexuality",
-    "international_law", "jurisprudence", "logical_fallacies", "machine_learning", "marketing",
-    "miscellaneous", "moral_disputes", "nutrition", "philosophy", "professional_medicine",
-    "world_religions",
-]  # fmt: skip
 
 
 def free_port() -> int:
@@ -64,7 +57,7 @@ def free_port() -> int:
 
 
 def build_items(data: Path, args, count) -> list[tasks.Item]:
-    items = tasks.mmlu(data, subjects=MMLU_SUBJECTS, per_subject=args.mmlu, count=count)
+    items = tasks.mmlu(data, subjects=tasks.MMLU_SUBJECTS, per_subject=args.mmlu, count=count)
     items += tasks.gsm8k(data, limit=args.gsm, count=count)
     items += tasks.hellaswag(data, limit=args.hellaswag, count=count)
     items += tasks.boolq(data, limit=args.boolq, count=count)

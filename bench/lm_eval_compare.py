@@ -28,15 +28,9 @@ for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 from onegpu.evaluate import assets  # noqa: E402
 from onegpu.evaluate.client import wait_ready  # noqa: E402
 from onegpu.evaluate.harness import write_tasks  # noqa: E402
+from onegpu.evaluate.tasks import MMLU_SUBJECTS  # noqa: E402
 from onegpu.gguf import converted  # noqa: E402
 
-SUBJECTS = [
-    "abstract_algebra", "anatomy", "college_biology", "college_chemistry", "computer_security",
-    "econometrics", "high_school_geography", "high_school_us_history", "human_sexuality",
-    "international_law", "jurisprudence", "logical_fallacies", "machine_learning", "marketing",
-    "miscellaneous", "moral_disputes", "nutrition", "philosophy", "professional_medicine",
-    "world_religions",
-]  # fmt: skip
 METRIC = {
     "onegpu_mmlu": "acc,none",
     "onegpu_hellaswag": "acc,none",
@@ -69,8 +63,8 @@ def main() -> int:
         print(f"skipped: {exc}")
         return 0
     folder = converted(gguf_file)
-    per_subject = max(1, args.per_task // len(SUBJECTS))
-    tasks = write_tasks(data, args.out / "tasks", subjects=SUBJECTS, per_subject=per_subject,
+    per_subject = max(1, args.per_task // len(MMLU_SUBJECTS))
+    tasks = write_tasks(data, args.out / "tasks", subjects=MMLU_SUBJECTS, per_subject=per_subject,
                         hellaswag=args.per_task, nq=args.per_task)  # fmt: skip
     common = {"tasks": tasks, "task_manager": TaskManager(include_path=str(args.out / "tasks")),
               "log_samples": True}  # fmt: skip

