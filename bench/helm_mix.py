@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from load import HELM_DEFAULTS  # noqa: E402
-from train_14b import QWEN_14B, TINY, WORDS, build_checkpoint, make_tokenizer  # noqa: E402
+from train_14b import QWEN_14B, TINY, WORDS, build_checkpoint, make_tokenizer, tokenizer_of  # noqa: E402
 
 SHAPES = {"qwen14b": QWEN_14B, "tiny": TINY}
 
@@ -261,7 +261,7 @@ def run_baseline(engine, requests: list[dict], samples: int) -> dict:
 
     A one-at-a-time server's total is the sum of its requests' times, so the whole mix's time
     is estimated as sum over scenarios of (its requests) x (mean seconds of its samples)."""
-    model, tokenizer = engine.model, engine.tokenizer
+    model, tokenizer = engine.model, tokenizer_of(engine)
     total_seconds = 0.0
     measured: dict[str, list[float]] = {}
     tokens = 0
@@ -351,9 +351,9 @@ def main() -> int:
     result["load_s"] = time.perf_counter() - start
     for order in args.orders.split(","):
         if order == "helm":
-            requests = helm_order(engine.tokenizer, args.scale)
+            requests = helm_order(tokenizer_of(engine), args.scale)
         else:
-            requests = interleaved(engine.tokenizer, args.cycles, args.scale)
+            requests = interleaved(tokenizer_of(engine), args.cycles, args.scale)
         lengths = [len(engine.tokenize(r["body"]["prompt"])) for r in requests]
         window = engine.info.max_context
         too_long = sum(

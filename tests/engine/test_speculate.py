@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from onegpu.engine.blocks import block_hashes
+from onegpu.engine.forward import Chunk, Row, verify_width
 from onegpu.engine.speculate import accepted, propose
 from onegpu.engine.types import GenerationRequest
-from tests.conftest import make_engine
+from tests.conftest import DEVICES, make_engine
 from tests.engine.test_batching import REQUESTS, assert_same, run_interleaved
 
 
@@ -44,6 +45,22 @@ def test_accepted_is_the_run_the_model_agrees_with(draft, chosen, kept):
     assert accepted(draft, chosen) == kept
 
 
+@pytest.mark.parametrize(
+    ("draft", "bucket", "width"),
+    [
+        (4, 1, 5),  # one row: the whole draft
+        (4, 8, 5),  # 40 rows in the pass
+        (4, 16, 4),  # 16 x 5 would read the weights twice: 3 drafted tokens
+        (4, 32, 2),
+        (8, 4, 9),
+        (4, 48, 1),  # no drafts at all
+        (0, 1, 1),
+    ],
+)
+def test_a_verifying_pass_stays_within_one_read_of_the_weights(draft, bucket, width):
+    assert verify_width(draft, bucket) == width
+
+
 # -- through the engine ---------------------------------------------------------------------------
 
 EOS = 151643
@@ -69,7 +86,11 @@ class BigramLM(torch.nn.Module):
 
     def forward(self, input_ids, position_ids, onegpu_pass, logits_to_keep=0, **_):
         self.passes += 1
-        ids = input_ids if onegpu_pass.decode else input_ids[:, logits_to_keep]
+        # transformers' convention: an int keeps the last n positions (0: all), a tensor those.
+        if isinstance(logits_to_keep, int):
+            ids = input_ids[:, -logits_to_keep:] if logits_to_keep else input_ids
+        else:
+            ids = input_ids[:, logits_to_keep]
         logits = torch.zeros(*ids.shape, len(self.table))
         logits.scatter_(-1, self.table[ids].unsqueeze(-1), self.margin)
         return SimpleNamespace(logits=logits)
@@ -145,11 +166,15 @@ def test_end_of_text_inside_a_verified_run_ends_the_answer(qwen_tokenizer):
     assert engine.pool.in_use == 0
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_answers_are_those_of_plain_decoding(tiny_qwen_model, qwen_tokenizer, deterministic):
+def test_answers_are_those_of_plain_decoding(
+    tiny_qwen_model, qwen_tokenizer, deterministic, device
+):
     """Greedy, seeded, echo and min-new-token requests in one interleaved batch on a real
-    (random) model: drafts mostly fail here, and what comes out must not change."""
-    config = {"max_batch": 7, "default_stop": (), "deterministic": deterministic}
+    (random) model: drafts mostly fail here, and what comes out must not change. On CUDA the
+    verifying passes replay graphs of draft + 1 positions per row."""
+    config = {"max_batch": 7, "default_stop": (), "deterministic": deterministic, "device": device}
     plain = make_engine(tiny_qwen_model, qwen_tokenizer, **config)
     want = run_interleaved(plain, REQUESTS, join_every=1)
     fast = make_engine(tiny_qwen_model, qwen_tokenizer, speculative_tokens=3, **config)
@@ -165,3 +190,40 @@ def test_answers_are_those_of_plain_decoding(tiny_qwen_model, qwen_tokenizer, de
             assert_same(a, b)
     assert fast.stats()["speculation_drafted"] > 0
     assert fast.pool.in_use == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("triton", [False, True])
+def test_a_wide_decode_pass_computes_each_row_as_prefill_would(
+    tiny_qwen_model, qwen_tokenizer, device, triton
+):
+    """Rows of 3, 1 and 5 tokens in a pass 5 positions wide (the GPU's fixed width): each real
+    position's logits are those a prefill of the same tokens gives; the padding positions
+    change nothing. Triton on a CPU runs in its interpreter."""
+    engine = make_engine(
+        tiny_qwen_model,
+        qwen_tokenizer,
+        device=device,
+        triton=triton,
+        speculative_tokens=4,
+        max_batch=4,
+    )
+    forward = engine.forward
+    # Contexts end 1, 2 and 5 positions before a block's end: the padding reaches past each.
+    prompts = [list(range(100, 115)), list(range(200, 230)), list(range(300, 327))]
+    tables = [[1, 2], [3, 4], [5, 6]]  # block 0 is the null block
+    with torch.no_grad():
+        forward.prefill(
+            [Chunk(i, p, 0, t) for i, (p, t) in enumerate(zip(prompts, tables, strict=True))]
+        )
+        drafts = [[7, 8, 9], [42], [1, 2, 3, 4, 5]]
+        rows = [
+            Row(i, d, len(p), t)
+            for i, (p, d, t) in enumerate(zip(prompts, drafts, tables, strict=True))
+        ]
+        wide = forward._run(rows, 5)
+        # The same positions again as prefill chunks (rewriting the same keys and values).
+        want = forward.prefill([Chunk(r.key, r.tokens, r.position, r.table, "all") for r in rows])
+    for row, got, expected in zip(rows, wide, want, strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got[: len(row.tokens)], expected, atol=2e-4, rtol=1e-4)

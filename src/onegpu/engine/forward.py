@@ -4,11 +4,12 @@ prefill: chunks of several prompts packed into one [1, N] batch, each with its o
 block table; it returns the logits each chunk asked for (its last position, every position for
 echo scoring, or none for a chunk that does not end its prompt).
 
-decode: one token for each running sequence. On the GPU it replays a CUDA graph captured for
-the next batch-size bucket (1, 2, 4, 8, 16, 24, 32, ...): a step costs what is running, not what
-could run. Everything a graph reads lives in fixed buffers refilled in place by one host-to-
-device copy; the attention kernel's grid depends only on the bucket, so one graph serves every
-sequence length. Padding rows read nothing and write to the null block.
+decode: one token for each running sequence, or (`verify`) its token and the tokens drafted to
+follow it, each row then `draft + 1` positions wide. On the GPU it replays a CUDA graph captured
+for the next batch-size bucket (1, 2, 4, 8, 16, 24, 32, ...) and width: a step costs what is
+running, not what could run. Everything a graph reads lives in fixed buffers refilled in place
+by one host-to-device copy; the attention kernels' grids depend only on the bucket, so one graph
+serves every sequence length. Padding rows and positions write to the null block.
 """
 
 from __future__ import annotations
@@ -40,6 +41,19 @@ def batch_buckets(max_batch: int) -> list[int]:
     return buckets + [max_batch]
 
 
+# Rows a verifying pass may hold on the GPU (batch bucket x positions per row): Marlin covers
+# up to 64 rows of activations in one read of the weights. Measured on an H100 (bench/
+# step_cost.py, 14B-shaped 8-bit, context 512): 16 rows x 3 positions cost 1.16x a one-position
+# step, 16 x 5 cost 1.85x (two reads of every weight).
+VERIFY_ROWS = 64
+
+
+def verify_width(draft: int, bucket: int) -> int:
+    """Positions per row of a verifying pass on the GPU: the draft and the row's own token, as
+    long as `bucket` rows of them fit VERIFY_ROWS (1: no draft at this batch size)."""
+    return max(1, min(draft + 1, VERIFY_ROWS // bucket))
+
+
 def bucket_of(n: int, buckets: list[int]) -> int:
     """The smallest bucket that holds `n` rows."""
     for bucket in buckets:
@@ -61,12 +75,63 @@ class Chunk:
 
 @dataclass(frozen=True, slots=True)
 class Row:
-    """One sequence's share of a decode pass: `token` at `position`."""
+    """One sequence's share of a decode pass: its last token at `position`, then the tokens
+    drafted to follow it (`speculate`) at the positions after."""
 
     key: int
-    token: int
+    tokens: list[int]
     position: int
     table: list[int]
+
+
+class _Inputs:
+    """The fixed device buffers a decode pass of `width` positions per row reads, refilled in
+    place by one host-to-device copy (a captured graph reads them where they are)."""
+
+    def __init__(self, rows: int, width: int, table_width: int, device: torch.device) -> None:
+        self.width = width
+        # Per row: [tokens (width), positions (width), slots (width), length, table...].
+        self.staged = torch.zeros(
+            rows, 3 * width + 1 + table_width, dtype=torch.int64, device=device
+        )
+        self.ids = torch.zeros(rows, width, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(rows, width, dtype=torch.int64, device=device)
+        self.slots = torch.zeros(rows * width, dtype=torch.int64, device=device)
+        self.lengths = torch.zeros(rows, dtype=torch.int32, device=device)
+        self.tables = torch.zeros(rows, table_width, dtype=torch.int32, device=device)
+        # Row r's queries are rows r * width ... of the pass, one tile of the prefill kernel.
+        self.query_start = torch.arange(rows + 1, dtype=torch.int32, device=device) * width
+        self.tiles = torch.stack(
+            [
+                torch.arange(rows, dtype=torch.int32, device=device),
+                torch.zeros(rows, dtype=torch.int32, device=device),
+            ],
+            1,
+        )
+
+    def fill(self, data: list[list[int]]) -> None:
+        """Stage `data` (one list per row, as laid out above) into the first len(data) rows."""
+        size, width = len(data), self.width
+        staged = self.staged[:size]
+        staged.copy_(torch.tensor(data, dtype=torch.int64), non_blocking=True)
+        self.ids[:size].copy_(staged[:, :width])
+        self.positions[:size].copy_(staged[:, width : 2 * width])
+        self.slots[: size * width].copy_(staged[:, 2 * width : 3 * width].reshape(-1))
+        self.lengths[:size].copy_(staged[:, 3 * width])
+        self.tables[:size].copy_(staged[:, 3 * width + 1 :])
+
+    def clear(self, size: int, null_slot: int, table: list[int]) -> None:
+        """Padding rows in the first `size` rows (see `_padding`)."""
+        self.fill([_padding(self.width, null_slot, table)] * size)
+
+
+def _padding(width: int, null_slot: int, table: list[int]) -> list[int]:
+    """A padding row of a decode pass: token 0 at positions 0, 1, ..., written to the null
+    block. With one position it attends over nothing (length 0); with more, over its own
+    positions in the null block, so that its queries see finite keys and write finite ones
+    (the null block is where a real row's draft positions past its table read, masked)."""
+    length = width if width > 1 else 0
+    return [0] * width + list(range(width)) + [null_slot] * width + [length, *table]
 
 
 class Forward:
@@ -82,6 +147,7 @@ class Forward:
         graphs: bool,
         triton: bool | None = None,
         invariant: bool = False,
+        draft: int = 0,
     ) -> None:
         if cache.num_blocks * cache.block_size < max_context + cache.block_size:
             raise ValueError(
@@ -100,23 +166,14 @@ class Forward:
                 log.warning("triton is not installed: attention gathers blocks (slower)")
         self.triton = triton
         self.invariant = invariant
-        self.graphs = graphs and self.device.type == "cuda"
+        # The reference attention reads host-side lengths, which a replayed graph would not see.
+        self.graphs = graphs and self.device.type == "cuda" and triton
         self.buckets = batch_buckets(max_batch)
-        self.width = -(-max_context // cache.block_size)  # table columns
-        rows = self.buckets[-1]
-        # Decode inputs, refilled in place: [token, position, slot, length, table...] per row.
-        self._staged = torch.zeros(rows, 4 + self.width, dtype=torch.int64, device=self.device)
-        self._ids = torch.zeros(rows, 1, dtype=torch.int64, device=self.device)
-        self._positions = torch.zeros(rows, 1, dtype=torch.int64, device=self.device)
-        self._slots = torch.zeros(rows, dtype=torch.int64, device=self.device)
-        self._lengths = torch.zeros(rows, dtype=torch.int32, device=self.device)
-        self._tables = torch.zeros(rows, self.width, dtype=torch.int32, device=self.device)
-        # Invariant decode on Triton runs the prefill kernel, each row a chunk of one query.
-        self._query_start = torch.arange(rows + 1, dtype=torch.int32, device=self.device)
-        self._tiles = torch.stack(
-            [self._query_start[:-1], torch.zeros_like(self._query_start[:-1])], 1
-        )
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.draft = draft
+        # Table columns: the window, plus room for the draft positions a row near its end pads.
+        self.width = -(-(max_context + draft) // cache.block_size)
+        self._inputs: dict[int, _Inputs] = {}  # per positions per row: 1, and draft + 1
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
 
     # -- prefill --------------------------------------------------------------------------------
@@ -178,92 +235,124 @@ class Forward:
     # -- decode ---------------------------------------------------------------------------------
 
     def decode(self, rows: list[Row]) -> torch.Tensor:
-        """One token for each of `rows`; their next-token logits [len(rows), V]."""
+        """One token for each of `rows` (no draft); their next-token logits [len(rows), V]."""
+        return self._run(rows, 1)[:, 0]
+
+    def verify(self, rows: list[Row]) -> list[torch.Tensor]:
+        """Each row's last token and its draft in one pass; per row, the logits [len(tokens),
+        V] after each of its tokens. On the GPU every row carries `verify_width` positions (one
+        graph per batch bucket), those past a row's own tokens padding."""
+        if self.graphs:
+            width = self.verify_width(len(rows))
+        else:
+            width = max(len(row.tokens) for row in rows)
+        logits = self._run(rows, width)
+        return [logits[i, : len(row.tokens)] for i, row in enumerate(rows)]
+
+    def verify_width(self, rows: int) -> int:
+        """Positions per row of a verifying pass over `rows` rows (1: too many rows to verify a
+        draft cheaply). On the GPU a pass of the batch bucket x width rows must fit one read of
+        the weights (VERIFY_ROWS); on the CPU, where compute is the cost, the configured draft."""
+        if not self.graphs:
+            return self.draft + 1
+        return verify_width(self.draft, bucket_of(rows, self.buckets))
+
+    def _run(self, rows: list[Row], width: int) -> torch.Tensor:
+        """`rows` in a pass of `width` positions each; the logits [len(rows), width, V]."""
         count = len(rows)
         size = bucket_of(count, self.buckets) if self.graphs else count
-        if self.graphs and size not in self._graphs:
-            self._capture(size)  # before staging: capturing runs on (and clears) the buffers
+        if self.graphs and (size, width) not in self._graphs:
+            self._capture(size, width)  # before staging: capturing runs on (and clears) inputs
         block = self.cache.block_size
-        data = [
-            [
-                row.token,
-                row.position,
-                slot_of(row.table, row.position, block),
-                row.position + 1,
-                *self._padded(row.table),
-            ]
-            for row in rows
-        ]
-        # Padding rows: token 0 at position 0, length 0, written to the null block.
-        data += [[0, 0, NULL_BLOCK * block, 0, *self._padded([])]] * (size - count)
-        host = torch.tensor(data, dtype=torch.int64)
-        staged = self._staged[:size]
-        staged.copy_(host, non_blocking=True)
-        self._ids[:size, 0].copy_(staged[:, 0])
-        self._positions[:size, 0].copy_(staged[:, 1])
-        self._slots[:size].copy_(staged[:, 2])
-        self._lengths[:size].copy_(staged[:, 3])
-        self._tables[:size].copy_(staged[:, 4:])
+        null = NULL_BLOCK * block
+        data = []
+        for row in rows:
+            if not 1 <= len(row.tokens) <= width:
+                raise ValueError(f"a row of {len(row.tokens)} tokens in a pass of {width}")
+            pad = width - len(row.tokens)
+            span = range(row.position, row.position + len(row.tokens))
+            slots = [slot_of(row.table, p, block) for p in span] + [null] * pad
+            positions = list(range(row.position, row.position + width))
+            tokens = row.tokens + [0] * pad
+            data.append(
+                [*tokens, *positions, *slots, row.position + width, *self._padded(row.table)]
+            )
+        data += [_padding(width, null, self._padded([]))] * (size - count)
+        inputs = self._inputs_for(width)
+        inputs.fill(data)
         if self.graphs:
-            graph, logits = self._graphs[size]
+            graph, logits = self._graphs[size, width]
             graph.replay()
             return logits[:count]
-        lengths = [row.position + 1 for row in rows]
-        return self._decode_pass(size, host_lengths=lengths, keys=[row.key for row in rows])
+        host = {
+            "host_lengths": [row.position + width for row in rows],
+            "keys": [row.key for row in rows],
+        }
+        return self._pass(inputs, size, **host)
+
+    def _inputs_for(self, width: int) -> _Inputs:
+        if width not in self._inputs:
+            rows = self.buckets[-1]
+            self._inputs[width] = _Inputs(rows, width, self.width, self.device)
+        return self._inputs[width]
 
     def _padded(self, table: list[int]) -> list[int]:
         """A block table as a row of the `width`-column table tensor (null blocks after it)."""
         return table + [NULL_BLOCK] * (self.width - len(table))
 
     def capture_all(self) -> None:
-        """Capture the decode graph of every batch bucket now (largest first: one memory pool)."""
+        """Capture every decode graph now (largest batch first: one memory pool): one position
+        per row, and with a draft, each bucket's verifying width."""
         if self.graphs:
             for size in reversed(self.buckets):
-                if size not in self._graphs:
-                    self._capture(size)
+                for width in {1, self.verify_width(size)}:
+                    if (size, width) not in self._graphs:
+                        self._capture(size, width)
 
-    def _decode_pass(self, size: int, *, host_lengths: list[int], keys: list[int]):
+    def _pass(self, inputs: _Inputs, size: int, *, host_lengths: list[int], keys: list[int]):
+        """The model over the first `size` rows of `inputs`: logits [size, width, V]."""
+        width = inputs.width
+        # One position per row: the split-K decode kernel. More: each row a chunk of `width`
+        # queries, causal among themselves (as is every invariant decode: prefill arithmetic).
         batch = Pass(
             cache=self.cache,
-            decode=True,
-            slots=self._slots[:size],
-            tables=self._tables[:size],
-            lengths=self._lengths[:size],
-            query_start=self._query_start[: size + 1],
-            tiles=self._tiles[:size],
+            decode=width == 1,
+            slots=inputs.slots[: size * width],
+            tables=inputs.tables[:size],
+            lengths=inputs.lengths[:size],
+            query_start=inputs.query_start[: size + 1],
+            tiles=inputs.tiles[:size],
             triton=self.triton,
             invariant=self.invariant,
             host_lengths=host_lengths,
+            host_query_start=[width * i for i in range(size + 1)],
             keys=keys,
         )
         out = self.model(
-            input_ids=self._ids[:size],
-            position_ids=self._positions[:size],
+            input_ids=inputs.ids[:size],
+            position_ids=inputs.positions[:size],
             use_cache=False,
-            logits_to_keep=1,
+            logits_to_keep=0 if width > 1 else 1,
             onegpu_pass=batch,
         )
-        return out.logits[:, -1]  # [size, V]
+        return out.logits  # [size, width, V]
 
-    def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, size: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         if not self.cache.layers:
             raise RuntimeError("capture after the first pass: the cache is allocated by it")
         # Warm-up and capture run for real on padding rows: they read nothing, write block 0.
-        self._ids[:size].zero_()
-        self._positions[:size].zero_()
-        self._slots[:size].fill_(NULL_BLOCK * self.cache.block_size)
-        self._lengths[:size].zero_()
-        self._tables[:size].zero_()
+        inputs = self._inputs_for(width)
+        inputs.clear(size, NULL_BLOCK * self.cache.block_size, self._padded([]))
         padding = {"host_lengths": [0] * size, "keys": [-1] * size}
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._decode_pass(size, **padding)
+                self._pass(inputs, size, **padding)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._decode_pass(size, **padding)
-        self._graphs[size] = (graph, logits)
-        log.info("captured the decode step for %d rows", size)
+            logits = self._pass(inputs, size, **padding)
+        self._graphs[size, width] = (graph, logits)
+        log.info("captured the decode step for %d rows of %d positions", size, width)
         return graph, logits

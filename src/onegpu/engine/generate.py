@@ -94,9 +94,10 @@ class Engine:
             graphs=config.cuda_graphs,
             triton=triton,
             invariant=config.deterministic,
+            draft=config.speculative_tokens,
         )
         self._keys = 0
-        self.speculation = Speculation(config.speculative_tokens)
+        self.speculation = Speculation(config.speculative_tokens, self.forward.verify_width)
         self.guard = Guard(self.scheduler, self._release)  # runs each pass, contains its failure
         self.prompt_tokens = 0
         self.peak_running = 0
@@ -246,7 +247,7 @@ class Engine:
             self._advance([seq for seq, _ in ready], torch.cat([x for _, x in ready]))
 
     def _decode(self, seqs: list[Running]) -> None:
-        rows = [Row(seq.key, seq.ids[-1], seq.computed, seq.table) for seq in seqs]
+        rows = [Row(seq.key, [seq.ids[-1]], seq.computed, seq.table) for seq in seqs]
         logits = self.forward.decode(rows)  # [n, V]
         for seq in seqs:
             self.scheduler.computed(seq, 1)
@@ -255,7 +256,7 @@ class Engine:
     def _verify(self, seqs: list[Running]) -> None:
         """One packed pass over each sequence's last token and its draft (`speculate`); those
         without a draft decode their one token in it."""
-        outputs = self.forward.prefill([self.speculation.chunk(seq) for seq in seqs])
+        outputs = self.forward.verify([self.speculation.row(seq) for seq in seqs])
         plain = [(seq, logits) for seq, logits in zip(seqs, outputs, strict=True) if not seq.draft]
         for seq, logits in zip(seqs, outputs, strict=True):
             self.scheduler.computed(seq, 1)

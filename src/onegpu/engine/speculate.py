@@ -12,11 +12,11 @@ prompts, the 32 of 40 that stop by themselves): 1.72 tokens per verifying pass w
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 
-from onegpu.engine.forward import Chunk
+from onegpu.engine.forward import Row
 from onegpu.engine.sequence import Sequence as Running
 
 # Longest and shortest endings looked up, and how far back (tokens) the lookup goes.
@@ -56,23 +56,25 @@ class Speculation:
     """Drafts `k` tokens for each greedy request past its first tokens, and judges them against
     the model's logits over the draft; counts what was drafted and kept."""
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, width: Callable[[int], int] | None = None) -> None:
         self.k = k
+        # Positions per row a verifying pass over n rows may have (k + 1 when not given).
+        self.width = width or (lambda rows: k + 1)
         self.passes = self.drafted = self.accepted = 0
 
-    def draft(self, running: Iterable[Running]) -> None:
-        """Set each eligible sequence's draft (before scheduling: it needs cache room)."""
-        if not self.k:
-            return
+    def draft(self, running: Collection[Running]) -> None:
+        """Set each eligible sequence's draft (before scheduling: it needs cache room), as long
+        as the pass's size allows (none at all beyond it)."""
+        k = min(self.k, self.width(len(running)) - 1) if running else 0
         for seq in running:
             request, scored = seq.output.request, len(seq.output.scored)
             left = request.max_new_tokens - scored - 1  # the verifying pass adds one more
-            eligible = seq.decoding and request.greedy and scored >= request.min_new_tokens
-            seq.draft = propose(seq.ids, min(self.k, left)) if eligible else []
+            eligible = k and seq.decoding and request.greedy and scored >= request.min_new_tokens
+            seq.draft = propose(seq.ids, min(k, left)) if eligible else []
 
-    def chunk(self, seq: Running) -> Chunk:
-        """The verifying pass's share of `seq`: its last token and the draft, every logit."""
-        return Chunk(seq.key, [seq.ids[-1], *seq.draft], seq.computed, seq.table, "all")
+    def row(self, seq: Running) -> Row:
+        """The verifying pass's share of `seq`: its last token and the draft."""
+        return Row(seq.key, [seq.ids[-1], *seq.draft], seq.computed, seq.table)
 
     def judge(self, seq: Running, logits: torch.Tensor) -> torch.Tensor:
         """The tokens kept, from the logits [k + 1, V] over `seq`'s chunk: the model's greedy
