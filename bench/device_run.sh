@@ -14,6 +14,8 @@
 #                                         # decode.py fused (Marlin) vs deterministic
 #   bash bench/device_run.sh detmix   # helm_mix: --deterministic, then the default
 #   bash bench/device_run.sh detload  # load.py 5 min, 30 clients, against serve --deterministic
+#   bash bench/device_run.sh spec     # CUDA tests, step_cost.py (k + 1 positions per row, prefill
+#                                     # chunks, Marlin vs dequantize + cuBLAS), decode.py profile
 #   bash bench/device_run.sh tests mix
 #
 # Needs .whl (see scripts/device-setup) and, for `mix`, .old/src (git archive OLD src | tar -x
@@ -97,6 +99,28 @@ for phase in "$@"; do
             --no-transformers --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
         step cuda-tests-gptq 120 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider -k gptq
         ;;
+    spec)
+        step cuda-tests 210 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider -k "not gptq"
+        ready
+        step step-cost 170 python3 bench/step_cost.py --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
+        step decode 110 python3 bench/decode.py --prompt-lengths 128 --variants fused --batches 1,4,16 \
+            --profile --no-transformers --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
+        step cuda-tests-gptq 60 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider -k gptq
+        ;;
+    spec2)  # after the fused rotary + KV write and per-bucket verify widths: all in one call
+        step cuda-tests 200 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider -k "not gptq"
+        ready
+        step step-cost 100 python3 bench/step_cost.py --checkpoint "$CKPT/gptq8-qwen14b" \
+            --gemm-m "" --out "$OUT"
+        step decode 80 python3 bench/decode.py --prompt-lengths 128 --variants fused --batches 1,4,16 \
+            --profile --no-transformers --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
+        step mix-before 90 env PYTHONPATH=".old/src:$PYTHONPATH" python3 bench/helm_mix.py \
+            --label before --orders helm --baseline-samples 0 --checkpoint "$CKPT" --out "$OUT"
+        step mix-after 90 python3 bench/helm_mix.py --label after --orders helm --baseline-samples 0 \
+            --checkpoint "$CKPT" --out "$OUT"
+        step mix-spec 90 python3 bench/helm_mix.py --label spec4 --orders helm --baseline-samples 0 \
+            --engine-args '{"speculative_tokens": 4}' --checkpoint "$CKPT" --out "$OUT"
+        ;;
     mixfused)
         ready
         step mix-fused 150 python3 bench/helm_mix.py --label fused --baseline-samples 0 \
@@ -160,5 +184,5 @@ for phase in "$@"; do
         ;;
     esac
 done
-grep -E "^(===|helm-mix|helm:|interleaved:|by scenario| +(onegpu|after|before|generate|fused|unfused|deterministic|default|int8)|[0-9]+ requests from|[0-9 ]+ +[0-9.]+ |profile|prompt|transformers|fusion check|.*(passed|failed))" \
+grep -E "^(===|step |prefill |gemm |  rows|helm-mix|helm:|interleaved:|by scenario| +(onegpu|after|before|generate|fused|unfused|deterministic|default|int8)|[0-9]+ requests from|[0-9 ]+ +[0-9.]+ |profile|prompt|transformers|fusion check|.*(passed|failed))" \
     "$LOG" | tail -70

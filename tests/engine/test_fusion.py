@@ -130,6 +130,18 @@ def test_engine_on_a_fused_tiny_qwen2_answers_as_on_the_loaded_one(
     _same_answers(expected, got, tolerance)
 
 
+def test_the_rotary_kernel_stores_what_the_model_computes(qwen_tokenizer):
+    """With Triton kernels (its interpreter on a CPU) the fused model's rotary kernel also
+    stores the keys and values in the pool (`kernels.rope_write`): it answers as the loaded
+    model does with the reference attention."""
+    model = tiny_qwen2(vocab_size=len(qwen_tokenizer))
+    fused = copy.deepcopy(model)
+    fuse(fused)
+    expected = _answers(make_engine(model, qwen_tokenizer, max_batch=4, triton=False))
+    got = _answers(make_engine(fused, qwen_tokenizer, max_batch=4, triton=True))
+    _same_answers(expected, got, 1e-4)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_embedded_smollm2_answers_the_same_fused(device):
     """The real embedded model (Llama layout), as `serve` loads it: float32 on CPU, fp16 on CUDA."""

@@ -69,12 +69,15 @@ def paged_attention(
     if onegpu_pass is None:
         return _unpaged(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     batch, q_heads, steps, dim = query.shape
-    kv_heads = key.shape[1]
     scale = scaling if scaling is not None else dim**-0.5
     rows = batch * steps
-    new_keys = key.transpose(1, 2).reshape(rows, kv_heads, dim)
-    new_values = value.transpose(1, 2).reshape(rows, kv_heads, dim)
-    layer = onegpu_pass.cache.write(module.layer_idx, new_keys, new_values, onegpu_pass.slots)
+    if key is None:  # the rotary kernel stored this pass's keys and values (`rope_write`)
+        layer = onegpu_pass.cache.layers[module.layer_idx]
+    else:
+        kv_heads = key.shape[1]
+        new_keys = key.transpose(1, 2).reshape(rows, kv_heads, dim)
+        new_values = value.transpose(1, 2).reshape(rows, kv_heads, dim)
+        layer = onegpu_pass.cache.write(module.layer_idx, new_keys, new_values, onegpu_pass.slots)
     q = query.transpose(1, 2).reshape(rows, q_heads, dim)  # [N, Hq, D]
     p = onegpu_pass
     if p.triton:

@@ -151,11 +151,16 @@ def _attention_forward(
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
     shape = hidden_states.shape[:-1]
-    q, k, v = self.qkv_proj(hidden_states).split(self.onegpu_qkv_sizes, dim=-1)
-    q = q.view(*shape, -1, self.head_dim).transpose(1, 2)
-    k = k.view(*shape, -1, self.head_dim).transpose(1, 2)
-    v = v.view(*shape, -1, self.head_dim).transpose(1, 2)
-    q, k = self.onegpu_ops.rope(q, k, *position_embeddings)
+    qkv = self.qkv_proj(hidden_states)
+    paged = kwargs.get("onegpu_pass")
+    if paged is not None and paged.triton and paged.cache.kv_dtype != "int8":
+        q, k, v = _rope_into_cache(self, qkv, position_embeddings, paged), None, None
+    else:
+        q, k, v = qkv.split(self.onegpu_qkv_sizes, dim=-1)
+        q = q.view(*shape, -1, self.head_dim).transpose(1, 2)
+        k = k.view(*shape, -1, self.head_dim).transpose(1, 2)
+        v = v.view(*shape, -1, self.head_dim).transpose(1, 2)
+        q, k = self.onegpu_ops.rope(q, k, *position_embeddings)
     if past_key_values is not None:
         k, v = past_key_values.update(k, v, self.layer_idx)
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -174,6 +179,22 @@ def _attention_forward(
         **kwargs,
     )
     return self.o_proj(out.reshape(*shape, -1).contiguous()), weights
+
+
+def _rope_into_cache(attention, qkv, position_embeddings, paged) -> torch.Tensor:
+    """The queries [B, Hq, T, D], rotated by one kernel that also stores the rotated keys and
+    the values in the paged cache (the attention then finds them there)."""
+    from onegpu.engine.kernels import rope_write
+
+    *shape, width = qkv.shape
+    q_size, k_size, _ = attention.onegpu_qkv_sizes
+    dim = attention.head_dim
+    rows = qkv.reshape(-1, width)
+    like = rows[:, q_size : q_size + k_size].unflatten(1, (-1, dim))  # [N, Hkv, D]
+    layer = paged.cache.layer(attention.layer_idx, like)
+    cos, sin = (t.reshape(-1, dim) for t in position_embeddings)
+    q = rope_write(rows, cos, sin, paged.slots, layer, q_size // dim)
+    return q.view(*shape, -1, dim).transpose(1, 2)
 
 
 def _mlp_forward(self, x):

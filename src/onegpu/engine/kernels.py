@@ -275,3 +275,70 @@ def prefill(
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )  # fmt: skip
     return out
+
+
+@triton.jit
+def _rope_write(
+    QKV, COS, SIN, SLOTS, QOUT, K, V,
+    stride_x, stride_c, stride_ot, stride_oh, stride_kt, stride_kh,
+    QH: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+    HP: tl.constexpr,
+):  # fmt: skip
+    token = tl.program_id(0)
+    head = tl.program_id(1)  # query heads first, then key heads (each with its value head)
+    half = tl.arange(0, HP)
+    ok = half < HALF
+    trig = token * stride_c
+    c1 = tl.load(COS + trig + half, mask=ok, other=0.0).to(tl.float32)
+    c2 = tl.load(COS + trig + HALF + half, mask=ok, other=0.0).to(tl.float32)
+    s1 = tl.load(SIN + trig + half, mask=ok, other=0.0).to(tl.float32)
+    s2 = tl.load(SIN + trig + HALF + half, mask=ok, other=0.0).to(tl.float32)
+    row = QKV + token * stride_x
+    x1 = tl.load(row + head * D + half, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(row + head * D + HALF + half, mask=ok, other=0.0).to(tl.float32)
+    # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1): transformers' rotary.
+    o1 = x1 * c1 - x2 * s1
+    o2 = x2 * c2 + x1 * s2
+    if head < QH:
+        out = QOUT + token * stride_ot + head * stride_oh
+        tl.store(out + half, o1.to(QOUT.dtype.element_ty), mask=ok)
+        tl.store(out + HALF + half, o2.to(QOUT.dtype.element_ty), mask=ok)
+    else:
+        kv_head = head - QH
+        at = tl.load(SLOTS + token) * stride_kt + kv_head * stride_kh  # 64-bit: big pools
+        tl.store(K + at + half, o1.to(K.dtype.element_ty), mask=ok)
+        tl.store(K + at + HALF + half, o2.to(K.dtype.element_ty), mask=ok)
+        value = row + (QH + KVH + kv_head) * D
+        v1 = tl.load(value + half, mask=ok, other=0.0)
+        v2 = tl.load(value + HALF + half, mask=ok, other=0.0)
+        tl.store(V + at + half, v1.to(V.dtype.element_ty), mask=ok)
+        tl.store(V + at + HALF + half, v2.to(V.dtype.element_ty), mask=ok)
+
+
+def rope_write(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slots: torch.Tensor,
+    layer: Layer,
+    q_heads: int,
+) -> torch.Tensor:
+    """One kernel for what took five: rotary on the queries and keys of a fused q/k/v
+    projection's output, the keys and values stored straight into the pool at `slots`.
+
+    qkv: [N, (q_heads + 2 * kv_heads) * D] (rows contiguous); cos, sin: [N, D]; slots: [N].
+    Returns the rotated queries [N, q_heads, D]. Computes in float32, rounds once.
+    """
+    tokens = qkv.shape[0]
+    kv_heads, dim = layer.keys.shape[2], layer.keys.shape[3]
+    if dim % 2 or qkv.shape[1] != (q_heads + 2 * kv_heads) * dim or qkv.stride(1) != 1:
+        raise ValueError(f"rope_write: a q/k/v row of {qkv.shape[1]} for heads of {dim}")
+    keys = layer.keys.view(-1, kv_heads, dim)
+    values = layer.values.view(-1, kv_heads, dim)
+    q = torch.empty(tokens, q_heads, dim, dtype=qkv.dtype, device=qkv.device)
+    _rope_write[(tokens, q_heads + kv_heads)](
+        qkv, cos, sin, slots, q, keys, values,
+        qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
+        QH=q_heads, KVH=kv_heads, D=dim, HALF=dim // 2, HP=triton.next_power_of_2(dim // 2),
+    )  # fmt: skip
+    return q

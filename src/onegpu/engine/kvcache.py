@@ -67,9 +67,13 @@ class PagedKVCache:
         ]
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    def layer(self, layer_idx: int, like: torch.Tensor) -> Layer:
+        """A layer's pools, allocated on first use for rows like `like` [..., kv_heads, dim]."""
+        return self.layers.get(layer_idx) or self._allocate(layer_idx, like)
+
     def write(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor):
         """Store this pass's key/value rows [N, kv_heads, head_dim] at `slots` [N]."""
-        layer = self.layers.get(layer_idx) or self._allocate(layer_idx, key)
+        layer = self.layer(layer_idx, key)
         heads, dim = key.shape[-2:]
         if layer.quantized:
             for codes_pool, scale_pool, x in (
