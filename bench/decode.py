@@ -10,10 +10,12 @@ writes them; see train_14b.py), or takes `--checkpoint`. Times, in one run on on
   - onegpu: the serving engine (`Engine.generate`, logprobs and stop checks included) as
     `onegpu serve` loads it, one request alone, then 1, 2, 4, 8, 16 requests decoding together
     (aggregate tokens/s); each variant (`fused`: the defaults; `unfused`: --no-fuse) in turn;
-  - transformers on the same checkpoint, in a child process (own memory cap, own time limit):
-    `generate()` as 2023 entries ran it (eager, dynamic cache), and the peer: `generate()` with a
-    static cache and the forward under `torch.compile(mode="reduce-overhead")`, what a user
-    would try instead;
+  - transformers in a child process (own memory cap, own time limit): `generate()` on the same
+    checkpoint as 2023 entries ran it (eager, dynamic cache), and the peer: `generate()` with a
+    static cache and the forward under `torch.compile(mode="reduce-overhead")`, on the same
+    shape with torchao's int8 weight-only Linear (gpt-fast's recipe; `--peer torchao`, the
+    default) or on the checkpoint's Marlin layers (`--peer marlin`, which never finished
+    compiling); what a user would try instead;
   - with --profile: torch profiler's top kernels per decode step (one request, first variant).
 Decode tokens/s excludes the prefill and first token. bound = bandwidth / bytes read per token
 (all weights except the embedding table, plus the KV cache of the context). Prints a table last and
@@ -195,41 +197,66 @@ def time_generate(model, ids: torch.Tensor, new_tokens: int, **kwargs) -> dict:
 
 
 def transformers_child(args) -> int:
-    """In a child process: eager generate() and the compiled static-cache peer, per prompt."""
+    """In a child process: eager generate() on the checkpoint (what 2023 entries ran), then the
+    peer: generate() with a static cache and the forward under torch.compile, on the same
+    checkpoint (`--peer marlin`) or on the same shape quantized by torchao (`--peer torchao`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
 
     from onegpu.device import cap_gpu_memory
 
-    cap_gpu_memory(torch.device("cuda"), args.gpu_memory_gib)
     folder = Path(args.checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder,
-        dtype=torch.float16,
-        device_map={"": "cuda"},
-        quantization_config=GPTQConfig(bits=8, backend="marlin"),
-    ).eval()
-    result: dict = {}
+    result: dict = {"peer_kind": args.peer}
     out = Path(args.child_out)
-    for length in (int(x) for x in args.prompt_lengths.split(",")):
-        ids = tokenizer(prompt_of(tokenizer, length, seed=length), return_tensors="pt")
-        ids = ids["input_ids"].cuda()
-        entry = result.setdefault(str(ids.shape[1]), {})
-        entry["generate"] = time_generate(model, ids, args.new_tokens)
-        out.write_text(json.dumps(result))
+    lengths = [int(x) for x in args.prompt_lengths.split(",")]
+    if args.peer == "torchao":
+        model = torchao_model(folder)  # built without the cap: fp16 weights before int8
+        cap_gpu_memory(torch.device("cuda"), args.gpu_memory_gib)
+    else:
+        cap_gpu_memory(torch.device("cuda"), args.gpu_memory_gib)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            dtype=torch.float16,
+            device_map={"": "cuda"},
+            quantization_config=GPTQConfig(bits=8, backend="marlin"),
+        ).eval()
+        for length in lengths:
+            ids = tokenizer(prompt_of(tokenizer, length, seed=length), return_tensors="pt")
+            ids = ids["input_ids"].cuda()
+            entry = result.setdefault(str(ids.shape[1]), {})
+            entry["generate"] = time_generate(model, ids, args.new_tokens)
+            out.write_text(json.dumps(result))
     model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
     static = {"cache_implementation": "static", "disable_compile": True}
-    for length in (int(x) for x in args.prompt_lengths.split(",")):
+    for length in lengths:
         ids = tokenizer(prompt_of(tokenizer, length, seed=length), return_tensors="pt")
         ids = ids["input_ids"].cuda()
         start = time.perf_counter()
         for _ in range(2):  # compile, then record the graphs
             time_generate(model, ids, 8, **static)
-        entry = result[str(ids.shape[1])]
+        entry = result.setdefault(str(ids.shape[1]), {})
         entry["peer_warmup_s"] = time.perf_counter() - start
         entry["peer"] = time_generate(model, ids, args.new_tokens, **static)
         out.write_text(json.dumps(result))
     return 0
+
+
+def torchao_model(folder: Path) -> torch.nn.Module:
+    """The checkpoint's architecture with random fp16 weights, every Linear then quantized by
+    torchao to int8 weight-only (per output channel), as gpt-fast serves a model: the peer."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    config.quantization_config = None
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16).eval()
+    for module in model.modules():  # keep activations finite through 40 random layers
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=module.in_features**-0.5 / 4)
+    quantize_(model, Int8WeightOnlyConfig())
+    torch.cuda.empty_cache()
+    return model
 
 
 def run_child(args, role: list[str], folder: Path, child_out: Path, timeout: int) -> dict:
@@ -251,6 +278,8 @@ def run_child(args, role: list[str], folder: Path, child_out: Path, timeout: int
         args.batches,
         "--gpu-memory-gib",
         str(args.gpu_memory_gib),
+        "--peer",
+        args.peer,
     ]
     try:
         done = subprocess.run(command, timeout=timeout, check=False)
@@ -310,6 +339,13 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="top kernels per decode step")
     parser.add_argument("--no-transformers", action="store_true", help="skip generate() + peer")
     parser.add_argument("--peer-timeout", type=int, default=300)
+    parser.add_argument(
+        "--peer",
+        choices=("torchao", "marlin"),
+        default="torchao",
+        help="the compiled peer: torchao int8 weight-only (gpt-fast's recipe) on the same shape, "
+        "or the checkpoint's Marlin layers (torch.compile did not finish in 450 s, 2026-11-29)",
+    )
     parser.add_argument("--variant-timeout", type=int, default=240)
     parser.add_argument("--checkpoint", help="an existing 14B-shaped GPTQ folder to load")
     parser.add_argument("--gpu-memory-gib", type=float, default=24.0)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from onegpu.engine.fusion import TorchOps, fuse, fuse_linears, pick_ops
+from onegpu.engine.fusion import FinalNorm, TorchOps, fuse, fuse_linears, pick_ops
 from onegpu.engine.gptq_layers import CheckpointTensors, gptq_from_checkpoint, load_quantized_head
 from onegpu.engine.types import GenerationRequest
 from tests.conftest import DEVICES, make_engine, tiny_qwen2
@@ -72,6 +72,7 @@ def test_fused_tiny_qwen2_gives_the_same_logits_and_tokens(device):
     assert report.kernels == ("liger" if device == "cuda" and liger else "torch")
     attention = fused.model.layers[0].self_attn
     assert hasattr(attention, "qkv_proj") and not hasattr(attention, "q_proj")
+    assert isinstance(fused.model.norm, FinalNorm)  # the residual stream goes layer to layer
     ids = torch.randint(0, 1000, (2, 11), generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
         expected, got = model(ids).logits.float(), fused(ids).logits.float()

@@ -130,9 +130,16 @@ def _layer_forward(
     position_embeddings=None,
     **kwargs,
 ):
-    ops = self.onegpu_ops
+    ops, carry = self.onegpu_ops, self.onegpu_carry
+    if carry is not None and carry.residual is not None and not self.onegpu_first:
+        # The previous layer's MLP output, and the residual stream it did not add to it.
+        normed, hidden_states = ops.add_rms_norm(
+            hidden_states, carry.residual, self.input_layernorm
+        )
+    else:
+        normed = ops.rms_norm(hidden_states, self.input_layernorm)
     attn, _ = self.self_attn(
-        hidden_states=ops.rms_norm(hidden_states, self.input_layernorm),
+        hidden_states=normed,
         attention_mask=attention_mask,
         position_ids=position_ids,
         past_key_values=past_key_values,
@@ -141,7 +148,33 @@ def _layer_forward(
         **kwargs,
     )
     hidden, residual = ops.add_rms_norm(attn, hidden_states, self.post_attention_layernorm)
-    return residual + self.mlp(hidden)
+    if carry is None:
+        return residual + self.mlp(hidden)
+    carry.residual = residual  # added by the next layer's norm kernel, or the final norm's
+    return self.mlp(hidden)
+
+
+class Carry:
+    """The residual stream between fused layers: each layer returns its MLP output alone and
+    leaves the residual here, and the next norm adds the two in its own kernel (one launch per
+    layer fewer). Set during a forward pass, consumed by the model's final norm."""
+
+    def __init__(self) -> None:
+        self.residual: torch.Tensor | None = None
+
+
+class FinalNorm(torch.nn.Module):
+    """The model's last norm, adding the residual the last layer left in `carry` first."""
+
+    def __init__(self, norm: torch.nn.Module, ops, carry: Carry) -> None:
+        super().__init__()
+        self.norm, self.ops, self.carry = norm, ops, carry
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        residual, self.carry.residual = self.carry.residual, None
+        if residual is None:
+            return self.ops.rms_norm(hidden_states, self.norm)
+        return self.ops.add_rms_norm(hidden_states, residual, self.norm)[0]
 
 
 def _attention_forward(
@@ -242,6 +275,18 @@ def fuse_linears(
 # -- the model ------------------------------------------------------------------------------------
 
 
+def _carry_residuals(model, layers, ops, *, fused: int) -> None:
+    """Pass the residual stream from layer to layer apart from the MLP output (`Carry`), when
+    every layer and the final norm are ones whose forward is known here."""
+    norm = getattr(model.model, "norm", None)
+    if fused != len(layers) or not hasattr(norm, "variance_epsilon"):
+        return
+    carry = Carry()
+    for layer in layers:
+        layer.onegpu_carry = carry
+    model.model.norm = FinalNorm(norm, ops, carry)
+
+
 def fuse(model: torch.nn.Module, *, checkpoint: Path | None = None) -> Fusion | None:
     """Rewire `model`'s decoder layers in place; None when its layout is not one known here.
 
@@ -297,7 +342,9 @@ def fuse(model: torch.nn.Module, *, checkpoint: Path | None = None) -> Fusion | 
         ):
             module.onegpu_ops = ops
             module.forward = MethodType(forward, module)
+        layer.onegpu_carry, layer.onegpu_first = None, layer is layers[0]
         saved += 3
+    _carry_residuals(model, layers, ops, fused=saved // 3)
     if device.type == "cuda":
         # GPTQModel's torch-kernel layers hold a reference to themselves: only the collector
         # frees the replaced ones (else their GPU memory stays taken until it runs).
