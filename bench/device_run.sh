@@ -6,8 +6,8 @@
 #   bash bench/device_run.sh speed    # generate() baselines, decode.py
 #   bash bench/device_run.sh variants # helm_mix with the defaults, --prefill-chunk 2048, int8 KV
 #   bash bench/device_run.sh decode   # decode.py: fused and unfused engines, with a profile
-#   bash bench/device_run.sh peer     # decode.py's transformers side: generate() and the peer
-#                                     # (nearly a whole call: run it alone on a warm machine)
+#   bash bench/device_run.sh peer     # decode.py: generate() and the torchao peer, then onegpu
+#                                     # at batch 1 (nearly a whole call: run it on a warm machine)
 #   bash bench/device_run.sh mixfused # helm_mix with the defaults (fused projections and kernels)
 #   bash bench/device_run.sh final    # CUDA tests, then decode.py (fused, with the profile)
 #   bash bench/device_run.sh determinism  # CUDA tests of the batch-invariant kernels, then
@@ -128,9 +128,9 @@ for phase in "$@"; do
         ;;
     peer)
         ready
-        # torch.compile of the GPTQ model had not finished after 240 s (2026-11-29): give it more.
-        step peer 560 python3 bench/decode.py --prompt-lengths 128 --variants fused \
-            --peer-timeout 450 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
+        # The torchao peer (int8 weight-only, torch.compile), then onegpu at batch 1 beside it.
+        step peer 450 python3 bench/decode.py --prompt-lengths 128 --variants fused --batches 1 \
+            --peer-timeout 320 --variant-timeout 120 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
         ;;
     mix)
         ready

@@ -11,6 +11,11 @@ fresh engine (an empty prefix cache) in groups of that many, once per `--k` (k =
 baseline, run first). A row per (batch, k): engine steps, verifying passes, drafted and kept
 tokens, kept per verifying pass, new tokens per step, seconds, the speedup over k = 0, and how many
 answers differ from k = 0's in text or in any logprob. Writes speculation.json to --out.
+
+With `--step-cost step_cost.json` (bench/step_cost.py, on a GPU) each row also gets the speedup
+projected for that GPU: k = 0's steps over this row's plain steps plus its verifying steps, each
+weighted by what a step of k + 1 positions costs there against one (at the measured row count
+nearest above the batch; prefill steps counted as plain steps).
 """
 
 from __future__ import annotations
@@ -63,6 +68,18 @@ def differs(a: Completion, b: Completion) -> bool:
     ]
 
 
+def projected(row: dict, baseline_steps: int, costs: list[dict]) -> float | None:
+    """The GPU speedup of `row` over k = 0 from measured step costs (None: none measured)."""
+    if not row["k"]:
+        return 1.0
+    fitting = [c for c in costs if c["rows"] >= row["batch"] and c["width"] == row["k"] + 1]
+    if not fitting:
+        return None
+    ratio = min(fitting, key=lambda c: c["rows"])["of_width_1"]
+    verifying = row["verifying_steps"]
+    return baseline_steps / (row["steps"] - verifying + verifying * ratio)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(assets.MODELS), default="0.5b")
@@ -71,8 +88,10 @@ def main() -> int:
     parser.add_argument("--batch", default="1,10", help="requests decoded together")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--deterministic", action="store_true")
+    parser.add_argument("--step-cost", type=Path, help="step_cost.json from a GPU")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     args = parser.parse_args()
+    costs = json.loads(args.step_cost.read_text())["step"] if args.step_cost else []
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         gguf_file = assets.fetch(assets.MODELS[args.model])
@@ -90,7 +109,7 @@ def main() -> int:
     items = tasks.gsm8k(data, limit=args.gsm, count=count)
     results = []
     for batch in (int(b) for b in args.batch.split(",")):
-        baseline: tuple[list[Completion], float] | None = None
+        baseline: tuple[list[Completion], float, int] | None = None
         for k in ks:
             config = EngineConfig(
                 model=str(gguf_file),
@@ -102,7 +121,7 @@ def main() -> int:
             completions, steps, seconds = run(engine, items, batch)
             stats = engine.stats()
             if baseline is None:
-                baseline = (completions, seconds)
+                baseline = (completions, seconds, steps)
             passes = stats["speculation_passes"]
             new_tokens = sum(c.new_tokens for c in completions)
             row = {
@@ -111,6 +130,7 @@ def main() -> int:
                 "items": len(items),
                 "new_tokens": new_tokens,
                 "steps": steps,
+                "verifying_steps": stats["speculation_steps"],
                 "verifying_passes": passes,
                 "drafted": stats["speculation_drafted"],
                 "kept": stats["speculation_accepted"],
@@ -125,14 +145,16 @@ def main() -> int:
                 ),
                 "correct": sum(i.correct(c.text) for i, c in zip(items, completions, strict=True)),
             }
+            row["projected_gpu_speedup"] = projected(row, baseline[2], costs)
             results.append(row)
             print(json.dumps(row), flush=True)
     (args.out / "speculation.json").write_text(json.dumps(results, indent=2))
     print(
         "| batch | k | new tokens | steps | verifying passes | drafted | kept "
-        "| tokens per verifying pass | seconds | speedup | answers differ (text) | correct |"
+        "| tokens per verifying pass | seconds | speedup | projected on the GPU "
+        "| answers differ (text) | correct |"
     )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: " * 13 + "|")
     for r in results:
         per_pass = (
             ""
@@ -142,10 +164,15 @@ def main() -> int:
         print(
             f"| {r['batch']} | {r['k']} | {r['new_tokens']} | {r['steps']} | "
             f"{r['verifying_passes']} | {r['drafted']} | {r['kept']} | {per_pass} | "
-            f"{r['seconds']:.1f} | {r['speedup']:.2f} | {r['differ']} ({r['differ_text']}) | "
+            f"{r['seconds']:.1f} | {r['speedup']:.2f} | {_x(r['projected_gpu_speedup'])} | "
+            f"{r['differ']} ({r['differ_text']}) | "
             f"{r['correct']}/{r['items']} |"
         )
     return 0
+
+
+def _x(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}x"
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a 14B-shaped GPTQ folder")
     parser.add_argument("--rows", default="1,4,10,16")
-    parser.add_argument("--widths", default="1,3,5,9", help="positions per row (k + 1)")
+    parser.add_argument("--widths", default="1,3,4,5,9", help="positions per row (k + 1)")
     parser.add_argument("--context", type=int, default=384, help="tokens cached per row")
     parser.add_argument("--chunks", default="128,256,512,1024,2048", help="prefill chunk sizes")
     parser.add_argument("--gemm-m", default="16,128,512,2048", help="rows of the GEMM check")

@@ -122,6 +122,7 @@ def test_a_repeating_answer_takes_several_tokens_per_pass(qwen_tokenizer, k):
     # Every draft is right: each verifying pass yields k + 1 tokens, the first pass one.
     assert stats["speculation_accepted"] == stats["speculation_drafted"] > 0
     assert fast_model.passes == 1 + -(-20 // (k + 1))
+    assert stats["speculation_steps"] == fast_model.passes - 1  # all but the prefill
     assert plain_model.passes == 21
     assert fast.pool.in_use == 0
     # The blocks it filled are cached under the names of what they hold (the last token never

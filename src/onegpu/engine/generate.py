@@ -256,7 +256,7 @@ class Engine:
     def _verify(self, seqs: list[Running]) -> None:
         """One packed pass over each sequence's last token and its draft (`speculate`); those
         without a draft decode their one token in it."""
-        outputs = self.forward.verify([self.speculation.row(seq) for seq in seqs])
+        outputs = self.forward.verify(self.speculation.rows(seqs))
         plain = [(seq, logits) for seq, logits in zip(seqs, outputs, strict=True) if not seq.draft]
         for seq, logits in zip(seqs, outputs, strict=True):
             self.scheduler.computed(seq, 1)

@@ -12,7 +12,7 @@ prompts, the 32 of 40 that stop by themselves): 1.72 tokens per verifying pass w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 import torch
 
@@ -60,7 +60,7 @@ class Speculation:
         self.k = k
         # Positions per row a verifying pass over n rows may have (k + 1 when not given).
         self.width = width or (lambda rows: k + 1)
-        self.passes = self.drafted = self.accepted = 0
+        self.steps = self.passes = self.drafted = self.accepted = 0
 
     def draft(self, running: Collection[Running]) -> None:
         """Set each eligible sequence's draft (before scheduling: it needs cache room), as long
@@ -72,9 +72,10 @@ class Speculation:
             eligible = k and seq.decoding and request.greedy and scored >= request.min_new_tokens
             seq.draft = propose(seq.ids, min(k, left)) if eligible else []
 
-    def row(self, seq: Running) -> Row:
-        """The verifying pass's share of `seq`: its last token and the draft."""
-        return Row(seq.key, [seq.ids[-1], *seq.draft], seq.computed, seq.table)
+    def rows(self, seqs: Iterable[Running]) -> list[Row]:
+        """A verifying pass (counted): each sequence's last token and its draft, if any."""
+        self.steps += 1
+        return [Row(seq.key, [seq.ids[-1], *seq.draft], seq.computed, seq.table) for seq in seqs]
 
     def judge(self, seq: Running, logits: torch.Tensor) -> torch.Tensor:
         """The tokens kept, from the logits [k + 1, V] over `seq`'s chunk: the model's greedy
@@ -89,7 +90,8 @@ class Speculation:
 
     def stats(self) -> dict[str, int]:
         return {
-            "speculation_passes": self.passes,
+            "speculation_steps": self.steps,  # engine passes that verified drafts
+            "speculation_passes": self.passes,  # drafts judged (one per sequence and pass)
             "speculation_drafted": self.drafted,
             "speculation_accepted": self.accepted,
         }
