@@ -6,6 +6,10 @@
   Marlin repack): exact, since the parts share the input width, group size and `g_idx`.
 - On CUDA, Liger's Triton kernels replace the eager element-wise chains: RMSNorm, residual-add +
   RMSNorm, rotary embedding and SiLU-and-multiply are one kernel each instead of 4 to 10.
+- In the engine's paged passes on CUDA, one kernel (`kernels.rope_write`) rotates the queries
+  and keys straight out of the q/k/v GEMM's output and stores keys and values in the cache
+  (instead of two copies, a rotary kernel and two scatters per layer), and each layer leaves
+  its residual stream to the next layer's norm kernel (`Carry`) instead of adding it itself.
 
 Only the layouts whose forward is known here are touched (Llama and Qwen2); anything else runs as
 loaded. Projections wrapped by an adapter (peft LoRA) are not fused, nor GPTQ parts whose `g_idx`
