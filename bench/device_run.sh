@@ -121,6 +121,28 @@ for phase in "$@"; do
         step mix-spec 90 python3 bench/helm_mix.py --label spec4 --orders helm --baseline-samples 0 \
             --engine-args '{"speculative_tokens": 4}' --checkpoint "$CKPT" --out "$OUT"
         ;;
+    spec3)  # spec2 in less device time: fewer rows and widths
+        step cuda-tests 150 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider -k "not gptq"
+        ready
+        step decode 60 python3 bench/decode.py --prompt-lengths 128 --variants fused --batches 1,16 \
+            --profile --no-transformers --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
+        step step-cost 60 python3 bench/step_cost.py --checkpoint "$CKPT/gptq8-qwen14b" \
+            --rows 1,10 --widths 1,4,5 --chunks 512,2048 --gemm-m "" --out "$OUT"
+        step mix-after 70 python3 bench/helm_mix.py --label after --orders helm --baseline-samples 0 \
+            --checkpoint "$CKPT" --out "$OUT"
+        step mix-before 70 env PYTHONPATH=".old/src:$PYTHONPATH" python3 bench/helm_mix.py \
+            --label before --orders helm --baseline-samples 0 --checkpoint "$CKPT" --out "$OUT"
+        step mix-spec 70 python3 bench/helm_mix.py --label spec4 --orders helm --baseline-samples 0 \
+            --engine-args '{"speculative_tokens": 4}' --checkpoint "$CKPT" --out "$OUT"
+        ;;
+    spec4)  # the least of spec3 (5 minutes of device time): CUDA tests, profile, step costs
+        step cuda-tests 120 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider -k "not gptq"
+        ready
+        step decode 55 python3 bench/decode.py --prompt-lengths 128 --variants fused --batches 1 \
+            --profile --no-transformers --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
+        step step-cost 50 python3 bench/step_cost.py --checkpoint "$CKPT/gptq8-qwen14b" \
+            --rows 1,10 --widths 1,4,5 --chunks 512,2048 --gemm-m "" --out "$OUT"
+        ;;
     mixfused)
         ready
         step mix-fused 150 python3 bench/helm_mix.py --label fused --baseline-samples 0 \

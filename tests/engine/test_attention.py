@@ -207,3 +207,38 @@ def test_decode_graphs_are_captured_per_batch_bucket(max_batch, buckets):
 @pytest.mark.parametrize(("rows", "bucket"), [(1, 1), (3, 4), (5, 8), (9, 16), (17, 24)])
 def test_a_batch_pads_to_the_next_bucket(rows, bucket):
     assert bucket_of(rows, batch_buckets(32)) == bucket
+
+
+# -- the rotary + KV store kernel's load-time check ------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_rotary_store_kernel_passes_its_own_check(device):
+    """What `fuse` runs at load on a GPU (here also in Triton's interpreter): Qwen-14B's 40
+    heads of 128, and a GQA layout with head size 64."""
+    from onegpu.engine import kernels
+
+    assert kernels.check_rope_write(40, 40, 128, torch.float32, torch.device(device)) is None
+    assert kernels.check_rope_write(14, 2, 64, torch.float32, torch.device(device)) is None
+
+
+def test_the_check_names_what_a_broken_rotary_store_kernel_gets_wrong(monkeypatch):
+    from onegpu.engine import kernels
+
+    real = kernels.rope_write
+
+    def keys_not_stored(qkv, cos, sin, slots, layer, q_heads):
+        q = real(qkv, cos, sin, slots, layer, q_heads)
+        layer.keys.zero_()
+        return q
+
+    monkeypatch.setattr(kernels, "rope_write", keys_not_stored)
+    problem = kernels.check_rope_write(4, 2, 16, torch.float32, torch.device("cpu"))
+    assert problem is not None and problem.startswith("its keys differ")
+
+    def fails(*args):
+        raise RuntimeError("no kernel image for this GPU")
+
+    monkeypatch.setattr(kernels, "rope_write", fails)
+    problem = kernels.check_rope_write(4, 2, 16, torch.float32, torch.device("cpu"))
+    assert problem == "RuntimeError: no kernel image for this GPU"

@@ -190,7 +190,12 @@ def _attention_forward(
     shape = hidden_states.shape[:-1]
     qkv = self.qkv_proj(hidden_states)
     paged = kwargs.get("onegpu_pass")
-    if paged is not None and paged.triton and paged.cache.kv_dtype != "int8":
+    if (
+        self.onegpu_rope_write
+        and paged is not None
+        and paged.triton
+        and paged.cache.kv_dtype != "int8"
+    ):
         q, k, v = _rope_into_cache(self, qkv, position_embeddings, paged), None, None
     else:
         q, k, v = qkv.split(self.onegpu_qkv_sizes, dim=-1)
@@ -291,6 +296,23 @@ def _carry_residuals(model, layers, ops, *, fused: int) -> None:
     model.model.norm = FinalNorm(norm, ops, carry)
 
 
+def _rope_write_works(model, layers, device: torch.device) -> bool:
+    """Whether the rotary-store kernel checks out on this GPU for this model's heads (always
+    on the CPU, where only tests run it, in Triton's interpreter)."""
+    attention = layers[0].self_attn
+    sizes = getattr(attention, "onegpu_qkv_sizes", None)
+    if device.type != "cuda" or sizes is None:
+        return True
+    from onegpu.engine.kernels import check_rope_write
+
+    dim = attention.head_dim
+    dtype = next(model.parameters()).dtype
+    problem = check_rope_write(sizes[0] // dim, sizes[1] // dim, dim, dtype, device)
+    if problem:
+        log.warning("rotary + KV store kernel not used (separate kernels instead): %s", problem)
+    return problem is None
+
+
 def fuse(model: torch.nn.Module, *, checkpoint: Path | None = None) -> Fusion | None:
     """Rewire `model`'s decoder layers in place; None when its layout is not one known here.
 
@@ -349,6 +371,9 @@ def fuse(model: torch.nn.Module, *, checkpoint: Path | None = None) -> Fusion | 
         layer.onegpu_carry, layer.onegpu_first = None, layer is layers[0]
         saved += 3
     _carry_residuals(model, layers, ops, fused=saved // 3)
+    rope_write = _rope_write_works(model, layers, device)
+    for layer in layers:
+        layer.self_attn.onegpu_rope_write = rope_write
     if device.type == "cuda":
         # GPTQModel's torch-kernel layers hold a reference to themselves: only the collector
         # frees the replaced ones (else their GPU memory stays taken until it runs).

@@ -342,3 +342,45 @@ def rope_write(
         QH=q_heads, KVH=kv_heads, D=dim, HALF=dim // 2, HP=triton.next_power_of_2(dim // 2),
     )  # fmt: skip
     return q
+
+
+def check_rope_write(
+    q_heads: int, kv_heads: int, dim: int, dtype: torch.dtype, device: torch.device
+) -> str | None:
+    """None when `rope_write` does on this device what transformers' rotary and a scatter into
+    the pool do (three tokens of random values, the model's head counts); else what went wrong.
+    Run once at load: a kernel that cannot compile or computes wrong here is not used."""
+    gen = torch.Generator().manual_seed(0)
+    tokens, block = 3, 16
+    width = (q_heads + 2 * kv_heads) * dim
+    qkv = torch.randn(tokens, width, generator=gen).to(device, dtype)
+    angles = torch.rand(tokens, dim // 2, generator=gen) * 6.3
+    angles = torch.cat([angles, angles], dim=-1)
+    cos, sin = angles.cos().to(device, dtype), angles.sin().to(device, dtype)
+    pool = torch.zeros(3, block, kv_heads, dim, dtype=dtype, device=device)
+    layer = Layer(keys=pool, values=pool.clone())
+    slots = torch.tensor([17, 3, 46], device=device)
+    try:
+        q = rope_write(qkv, cos, sin, slots, layer, q_heads)
+    except Exception as exc:  # a compile or launch failure on this GPU: report, don't serve it
+        return f"{type(exc).__name__}: {exc}"
+    x, c, s = qkv.float(), cos.float()[:, None], sin.float()[:, None]
+    heads = x.view(tokens, q_heads + 2 * kv_heads, dim)
+    first, second = heads.chunk(2, dim=-1)
+    rotated = heads * c + torch.cat([-second, first], dim=-1) * s
+    want = {
+        "queries": rotated[:, :q_heads],
+        "keys": rotated[:, q_heads : q_heads + kv_heads],
+        "values": heads[:, q_heads + kv_heads :],
+    }
+    got = {
+        "queries": q.float(),
+        "keys": layer.keys.view(-1, kv_heads, dim)[slots].float(),
+        "values": layer.values.view(-1, kv_heads, dim)[slots].float(),
+    }
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for name, expected in want.items():
+        if not torch.allclose(got[name], expected, atol=tolerance, rtol=tolerance):
+            worst = (got[name] - expected).abs().max().item()
+            return f"its {name} differ from the reference by up to {worst:.3g}"
+    return None
