@@ -135,9 +135,10 @@ class ServeSettings(JobSettings):
         ENGINE.speculative_tokens,
         ge=0,
         le=16,
-        description="greedy requests draft this many tokens from their own text and verify them "
-        "in one pass (prompt lookup; each token is still the model's greedy choice, and the "
-        "answer bit-identical to one without it under --deterministic); 0 turns it off",
+        description="greedy requests draft up to this many tokens from their own text and "
+        "verify them in one pass (prompt lookup; each token is still the model's greedy choice, "
+        "and the answer bit-identical to one without it under --deterministic); on the GPU the "
+        "draft is cut so that a pass holds at most 64 rows; 0 turns it off",
     )
     max_queue: int = Field(256, ge=1, description="requests allowed to wait; more get 503")
     request_timeout_s: float = Field(
