@@ -65,11 +65,15 @@ class Speculation:
     def draft(self, running: Collection[Running]) -> None:
         """Set each eligible sequence's draft (before scheduling: it needs cache room), as long
         as the pass's size allows (none at all beyond it)."""
-        k = min(self.k, self.width(len(running)) - 1) if running else 0
+        if not self.k or not running:
+            return
+        k = min(self.k, self.width(len(running)) - 1)
         for seq in running:
             request, scored = seq.output.request, len(seq.output.scored)
             left = request.max_new_tokens - scored - 1  # the verifying pass adds one more
-            eligible = k and seq.decoding and request.greedy and scored >= request.min_new_tokens
+            eligible = (
+                k > 0 and seq.decoding and request.greedy and scored >= request.min_new_tokens
+            )
             seq.draft = propose(seq.ids, min(k, left)) if eligible else []
 
     def rows(self, seqs: Iterable[Running]) -> list[Row]:
