@@ -82,6 +82,19 @@ def test_fused_tiny_qwen2_gives_the_same_logits_and_tokens(device):
     assert torch.equal(model.generate(ids[:1], **greedy), fused.generate(ids[:1], **greedy))
 
 
+def test_a_residual_left_by_a_failed_pass_does_not_reach_the_next():
+    """A pass that stops half-way leaves a residual in the carry; the next pass starts at the
+    first layer, which never adds it."""
+    model = tiny_qwen2(vocab_size=1000)
+    fuse(model)
+    ids = torch.randint(0, 1000, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(ids).logits
+        model.model.norm.carry.residual = torch.full((1, 7, 64), 1e4)
+        torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)
+    assert model.model.norm.carry.residual is None  # the final norm consumed what it added
+
+
 PROMPTS = [
     "The capital of France is",
     "Question: what is 2 + 2?\nAnswer:",
