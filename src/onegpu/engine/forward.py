@@ -340,7 +340,7 @@ class Forward:
     def _capture(self, size: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         if not self.cache.layers:
             raise RuntimeError("capture after the first pass: the cache is allocated by it")
-        # Warm-up and capture run for real on padding rows: they read nothing, write block 0.
+        # Warm-up and capture run for real on padding rows (`_padding`): they write block 0.
         inputs = self._inputs_for(width)
         inputs.clear(size, NULL_BLOCK * self.cache.block_size, self._padded([]))
         padding = {"host_lengths": [0] * size, "keys": [-1] * size}
