@@ -39,7 +39,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_14b import QWEN_14B, WORDS, build_checkpoint, make_tokenizer, tokenizer_of  # noqa: E402
 
-VARIANTS = {"fused": {}, "unfused": {"fuse": False}, "deterministic": {"deterministic": True}}
+VARIANTS = {
+    "fused": {},
+    "unfused": {"fuse": False},
+    "deterministic": {"deterministic": True},
+    "split4": {},
+}
+# Kernel constants a variant sets before loading (an A/B of a tuning choice in one call):
+# `split4` walks 4 blocks per decode-attention program instead of 16 (more programs, one loop
+# step each: less latency at short contexts, more partial results to merge).
+KERNEL_CONSTANTS = {"split4": {"SPLIT_BLOCKS": 4}}
 
 
 def copy_bandwidth(gib: float = 4.0, iters: int = 20) -> float:
@@ -293,8 +302,11 @@ def run_child(args, role: list[str], folder: Path, child_out: Path, timeout: int
 
 def variant_child(args) -> int:
     """In a child process: load the engine as `onegpu serve` does (one variant) and time it."""
+    from onegpu.engine import kernels
     from onegpu.engine.loading import EngineConfig, load_engine
 
+    for name, value in KERNEL_CONSTANTS.get(args.variant_child, {}).items():
+        setattr(kernels, name, value)
     start = time.perf_counter()
     engine = load_engine(
         EngineConfig(
@@ -380,9 +392,9 @@ def main() -> int:
                 args, role, folder, out / "decode-transformers.json", args.peer_timeout
             )
         result["variants"] = {}
-        for i, name in enumerate(args.variants.split(",")):
+        for name in args.variants.split(","):
             role = ["--variant-child", name, "--bandwidth", str(bandwidth)]
-            if args.profile and i == 0:
+            if args.profile:
                 role.append("--profile")
             measured = run_child(
                 args, role, folder, out / f"decode-{name}.json", args.variant_timeout
@@ -432,14 +444,18 @@ def print_table(result: dict) -> None:
                 )
             )
     print(f"transformers child: {hf.get('status', 'not run')}")
-    profile = variants[names[0]].get("profile")
-    if profile:
+    for i, name in enumerate(names):
+        profile = variants[name].get("profile")
+        if not profile:
+            continue
         print(
-            f"\nprofile ({names[0]}, 1 request): {profile['wall_ms_per_step']:.2f} ms/step wall, "
+            f"\nprofile ({name}, 1 request): {profile['wall_ms_per_step']:.2f} ms/step wall, "
             f"{profile['kernel_ms_per_step']:.2f} ms of kernels, "
             f"{profile['launches_per_step']:.0f} kernels per step"
         )
-        for k in profile["top"][:30]:
+        # Every kernel of the first variant; of the others, the attention kernels they change.
+        top = profile["top"] if i == 0 else [k for k in profile["top"] if "_decode" in k["name"]]
+        for k in top[:30]:
             print(f"  {k['us_per_step']:>8.1f} us {k['calls_per_step']:>6.1f}x  {k['name']}")
 
 

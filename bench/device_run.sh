@@ -16,6 +16,8 @@
 #   bash bench/device_run.sh detload  # load.py 5 min, 30 clients, against serve --deterministic
 #   bash bench/device_run.sh spec     # CUDA tests, step_cost.py (k + 1 positions per row, prefill
 #                                     # chunks, Marlin vs dequantize + cuBLAS), decode.py profile
+#   bash bench/device_run.sh spec5    # spec3 in two calls: tests, profile, step costs ...
+#   bash bench/device_run.sh mixes    # ... then helm_mix after / before / k = 4
 #   bash bench/device_run.sh tests mix
 #
 # Needs .whl (see scripts/device-setup) and, for `mix`, .old/src (git archive OLD src | tar -x
@@ -142,6 +144,23 @@ for phase in "$@"; do
             --profile --no-transformers --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
         step step-cost 50 python3 bench/step_cost.py --checkpoint "$CKPT/gptq8-qwen14b" \
             --rows 1,10 --widths 1,4,5 --chunks 512,2048 --gemm-m "" --out "$OUT"
+        ;;
+    spec5)  # spec3's first half (about 400 s): CUDA tests, profile, step costs
+        step cuda-tests 150 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider -k "not gptq"
+        ready
+        step decode 150 python3 bench/decode.py --prompt-lengths 128 --variants fused,split4 \
+            --batches 1,16 --profile --no-transformers --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
+        step step-cost 80 python3 bench/step_cost.py --checkpoint "$CKPT/gptq8-qwen14b" \
+            --rows 1,10 --widths 1,4,5 --chunks 512,2048 --gemm-m "" --out "$OUT"
+        ;;
+    mixes)  # spec3's second half: helm_mix after, before (.old/src), after with k = 4
+        ready
+        step mix-after 100 python3 bench/helm_mix.py --label after --orders helm --baseline-samples 0 \
+            --checkpoint "$CKPT" --out "$OUT"
+        step mix-before 100 env PYTHONPATH=".old/src:$PYTHONPATH" python3 bench/helm_mix.py \
+            --label before --orders helm --baseline-samples 0 --checkpoint "$CKPT" --out "$OUT"
+        step mix-spec 100 python3 bench/helm_mix.py --label spec4 --orders helm --baseline-samples 0 \
+            --engine-args '{"speculative_tokens": 4}' --checkpoint "$CKPT" --out "$OUT"
         ;;
     mixfused)
         ready
