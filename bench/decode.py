@@ -44,11 +44,12 @@ VARIANTS = {
     "unfused": {"fuse": False},
     "deterministic": {"deterministic": True},
     "split4": {},
+    "split16": {},
 }
-# Kernel constants a variant sets before loading (an A/B of a tuning choice in one call):
-# `split4` walks 4 blocks per decode-attention program instead of 16 (more programs, one loop
-# step each: less latency at short contexts, more partial results to merge).
-KERNEL_CONSTANTS = {"split4": {"SPLIT_BLOCKS": 4}}
+# Kernel constants a variant sets before loading (an A/B of a tuning choice in one call): blocks
+# per decode-attention program at every batch size, 4 (`split4`) or 16 (`split16`), against
+# the default's choice by batch size (`kernels.split_blocks`).
+KERNEL_CONSTANTS = {"split4": {"SPLIT_BLOCKS_MANY": 4}, "split16": {"SPLIT_BLOCKS_FEW": 16}}
 
 
 def copy_bandwidth(gib: float = 4.0, iters: int = 20) -> float:
@@ -315,6 +316,9 @@ def variant_child(args) -> int:
             dtype="float16",
             gpu_memory_gib=args.gpu_memory_gib,
             default_stop=(),
+            # Plain decode steps: random weights loop, and drafts kept from a loop say nothing
+            # of real text (bench/speculation.py measures speculation on a real model).
+            speculative_tokens=0,
             **VARIANTS[args.variant_child],
         )
     )

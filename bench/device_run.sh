@@ -18,6 +18,7 @@
 #                                     # chunks, Marlin vs dequantize + cuBLAS), decode.py profile
 #   bash bench/device_run.sh spec5    # spec3 in two calls: tests, profile, step costs ...
 #   bash bench/device_run.sh mixes    # ... then helm_mix after / before / k = 4
+#   bash bench/device_run.sh rule     # CUDA tests; decode.py, decode splits by batch size vs 16
 #   bash bench/device_run.sh tests mix
 #
 # Needs .whl (see scripts/device-setup) and, for `mix`, .old/src (git archive OLD src | tar -x
@@ -161,6 +162,13 @@ for phase in "$@"; do
             --label before --orders helm --baseline-samples 0 --checkpoint "$CKPT" --out "$OUT"
         step mix-spec 100 python3 bench/helm_mix.py --label spec4 --orders helm --baseline-samples 0 \
             --engine-args '{"speculative_tokens": 4}' --checkpoint "$CKPT" --out "$OUT"
+        ;;
+    rule)  # CUDA tests, then decode.py: split blocks by batch size against 16 everywhere
+        step cuda-tests 150 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider -k "not gptq"
+        ready
+        step decode 200 python3 bench/decode.py --prompt-lengths 128 --variants fused,split16 \
+            --batches 1,4,8,16 --profile --no-transformers --checkpoint "$CKPT/gptq8-qwen14b" \
+            --out "$OUT"
         ;;
     mixfused)
         ready

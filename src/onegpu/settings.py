@@ -19,7 +19,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from onegpu.engine.config import Dtype, EngineConfig, KvCacheDtype
+from onegpu.engine.config import SPECULATIVE_TOKENS_CUDA, Dtype, EngineConfig, KvCacheDtype
 
 # The engine's own defaults; ServeSettings describes these fields for people and reuses them.
 ENGINE = EngineConfig()
@@ -131,14 +131,15 @@ class ServeSettings(JobSettings):
         description="batch-invariant kernels: a greedy answer is bit-identical alone or among "
         "others, cached or not (costs speed; see the README)",
     )
-    speculative_tokens: int = Field(
+    speculative_tokens: int | None = Field(
         ENGINE.speculative_tokens,
         ge=0,
         le=16,
         description="greedy requests draft up to this many tokens from their own text and "
         "verify them in one pass (prompt lookup; each token is still the model's greedy choice, "
         "and the answer bit-identical to one without it under --deterministic); on the GPU the "
-        "draft is cut so that a pass holds at most 64 rows; 0 turns it off",
+        "draft is cut so that a pass holds at most 64 rows; 0 turns it off; unset: "
+        f"{SPECULATIVE_TOKENS_CUDA} on a CUDA GPU, 0 on the CPU (where it is slower)",
     )
     max_queue: int = Field(256, ge=1, description="requests allowed to wait; more get 503")
     request_timeout_s: float = Field(

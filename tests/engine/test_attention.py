@@ -141,12 +141,14 @@ def kernel_devices():
 @pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
 @pytest.mark.parametrize("dim", [16, 24, 64])
-def test_triton_kernels_equal_the_reference(device, kv_dtype, dim):
+@pytest.mark.parametrize("few_rows", [8, 0], ids=["splits-of-4", "splits-of-16"])
+def test_triton_kernels_equal_the_reference(device, kv_dtype, dim, few_rows, monkeypatch):
     from onegpu.engine import kernels
 
+    monkeypatch.setattr(kernels, "FEW_ROWS", few_rows)  # 4 rows: decode splits of 4 or 16 blocks
     dtype = torch.float16 if device == "cuda" else torch.float32
     tol = {"atol": 2e-3, "rtol": 2e-3} if device == "cuda" else {"atol": 1e-5, "rtol": 1e-5}
-    lengths = [37, 300, 1, 0]  # 300 spans two decode splits; 0 is a padding row
+    lengths = [37, 300, 1, 0]  # 300 spans 2 splits of 16 blocks, 5 of 4; 0 is a padding row
     cache, tables, _ = filled_cache(lengths, dim, kv_dtype=kv_dtype, device=device, dtype=dtype)
     layer = cache.layers[0]
     q = torch.randn(len(lengths), Q_HEADS, dim).to(device, dtype)
@@ -165,6 +167,14 @@ def test_triton_kernels_equal_the_reference(device, kv_dtype, dim):
         q, layer, p.tables, p.query_start, p.lengths, p.tiles, 0.2, tile=PREFILL_TILE
     )
     torch.testing.assert_close(got, prefill_reference(q, layer, p, 0.2), **tol)
+
+
+@needs_triton
+@pytest.mark.parametrize(("rows", "blocks"), [(1, 4), (8, 4), (9, 16), (32, 16)])
+def test_decode_programs_walk_fewer_blocks_when_few_rows_share_the_pass(rows, blocks):
+    from onegpu.engine.kernels import split_blocks
+
+    assert split_blocks(rows) == blocks
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,22 @@ def test_k_is_capped_by_the_vocabulary(k):
     assert values.shape == ids.shape == (3, min(k, 7))
 
 
+@pytest.mark.parametrize(
+    ("row", "best"),
+    [
+        ([0.0, 3.0, 1.0], 1),
+        ([5.0, -1.0, float("-inf")], 0),
+        ([float("-inf"), 0.0, 2.0], 2),
+        ([-2.0, -1.0, 4.0], 2),
+    ],
+)
+def test_one_alternative_is_the_most_likely_token(row, best):
+    got = gather_logprobs(torch.tensor([row]), torch.tensor([0]), k=1)
+    expected = torch.log_softmax(torch.tensor(row), -1)[best]
+    assert got.top_ids.tolist() == [[best]]
+    assert math.isclose(float(got.top_values[0, 0]), float(expected), rel_tol=1e-6)
+
+
 def test_impossible_and_nan_scores_become_the_finite_floor():
     logits = torch.tensor([[0.0, float("-inf"), 1.0], [float("nan"), 0.0, 0.0]])
     got = gather_logprobs(logits, torch.tensor([1, 1]), k=3)

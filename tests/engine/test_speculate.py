@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from onegpu.engine.blocks import block_hashes
+from onegpu.engine.config import SPECULATIVE_TOKENS_CUDA, EngineConfig, speculative_tokens_for
 from onegpu.engine.forward import Chunk, Row, verify_width
 from onegpu.engine.speculate import accepted, propose
 from onegpu.engine.types import GenerationRequest
@@ -59,6 +60,27 @@ def test_accepted_is_the_run_the_model_agrees_with(draft, chosen, kept):
 )
 def test_a_verifying_pass_stays_within_one_read_of_the_weights(draft, bucket, width):
     assert verify_width(draft, bucket) == width
+
+
+@pytest.mark.parametrize(
+    ("asked", "device_type", "drafted"),
+    [
+        (None, "cuda", SPECULATIVE_TOKENS_CUDA),  # unset: on where a wide pass is cheap
+        (None, "cpu", 0),  # and off where it costs what it computes
+        (0, "cuda", 0),
+        (2, "cpu", 2),
+        (7, "cuda", 7),
+    ],
+)
+def test_speculation_is_on_by_default_on_a_gpu_only(asked, device_type, drafted):
+    config = EngineConfig(speculative_tokens=asked)
+    assert speculative_tokens_for(config, device_type) == drafted
+
+
+def test_an_engine_on_the_cpu_drafts_nothing_unless_asked(tiny_qwen_model, qwen_tokenizer):
+    assert make_engine(tiny_qwen_model, qwen_tokenizer).speculation.k == 0
+    asked = make_engine(tiny_qwen_model, qwen_tokenizer, speculative_tokens=3)
+    assert asked.speculation.k == 3
 
 
 # -- through the engine ---------------------------------------------------------------------------

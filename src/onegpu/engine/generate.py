@@ -24,7 +24,7 @@ import torch
 
 from onegpu.device import cuda_memory
 from onegpu.engine.blocks import BlockPool
-from onegpu.engine.config import EngineConfig
+from onegpu.engine.config import EngineConfig, speculative_tokens_for
 from onegpu.engine.failures import Guard
 from onegpu.engine.forward import Chunk, Forward, Row
 from onegpu.engine.kvcache import PagedKVCache
@@ -86,6 +86,7 @@ class Engine:
             prefill_chunk=config.prefill_chunk,
             prefix_cache=config.prefix_cache,
         )
+        drafted = speculative_tokens_for(config, self.device.type)
         self.forward = Forward(
             model,
             self.cache,
@@ -94,10 +95,10 @@ class Engine:
             graphs=config.cuda_graphs,
             triton=triton,
             invariant=config.deterministic,
-            draft=config.speculative_tokens,
+            draft=drafted,
         )
         self._keys = 0
-        self.speculation = Speculation(config.speculative_tokens, self.forward.verify_width)
+        self.speculation = Speculation(drafted, self.forward.verify_width)
         self.guard = Guard(self.scheduler, self._release)  # runs each pass, contains its failure
         self.prompt_tokens = 0
         self.peak_running = 0
