@@ -216,12 +216,20 @@ def transformers_child(args) -> int:
 
     folder = Path(args.checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    result: dict = {"peer_kind": args.peer}
+    result: dict = {"peer_kind": args.peer, "stages_s": {}}
     out = Path(args.child_out)
+    began = time.perf_counter()
+
+    def reached(stage: str) -> None:  # where a child stopped by its time limit got to
+        result["stages_s"][stage] = round(time.perf_counter() - began, 1)
+        out.write_text(json.dumps(result))
+        print(f"transformers child: {stage} at {result['stages_s'][stage]} s", flush=True)
+
     lengths = [int(x) for x in args.prompt_lengths.split(",")]
     if args.peer == "torchao":
         model = torchao_model(folder)  # built without the cap: fp16 weights before int8
         cap_gpu_memory(torch.device("cuda"), args.gpu_memory_gib)
+        reached("quantized")
     else:
         cap_gpu_memory(torch.device("cuda"), args.gpu_memory_gib)
         model = AutoModelForCausalLM.from_pretrained(
@@ -235,19 +243,20 @@ def transformers_child(args) -> int:
             ids = ids["input_ids"].cuda()
             entry = result.setdefault(str(ids.shape[1]), {})
             entry["generate"] = time_generate(model, ids, args.new_tokens)
-            out.write_text(json.dumps(result))
+            reached(f"generate {ids.shape[1]}")
     model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
     static = {"cache_implementation": "static", "disable_compile": True}
     for length in lengths:
         ids = tokenizer(prompt_of(tokenizer, length, seed=length), return_tensors="pt")
         ids = ids["input_ids"].cuda()
         start = time.perf_counter()
-        for _ in range(2):  # compile, then record the graphs
+        for attempt in ("compiled", "graphs recorded"):
             time_generate(model, ids, 8, **static)
+            reached(f"{attempt} {ids.shape[1]}")
         entry = result.setdefault(str(ids.shape[1]), {})
         entry["peer_warmup_s"] = time.perf_counter() - start
         entry["peer"] = time_generate(model, ids, args.new_tokens, **static)
-        out.write_text(json.dumps(result))
+        reached(f"peer {ids.shape[1]}")
     return 0
 
 
@@ -447,7 +456,7 @@ def print_table(result: dict) -> None:
                     for b in batches
                 )
             )
-    print(f"transformers child: {hf.get('status', 'not run')}")
+    print(f"transformers child: {hf.get('status', 'not run')}, stages {hf.get('stages_s', {})}")
     for i, name in enumerate(names):
         profile = variants[name].get("profile")
         if not profile:
