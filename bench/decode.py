@@ -11,12 +11,12 @@ writes them; see train_14b.py), or takes `--checkpoint`. Times, in one run on on
     `onegpu serve` loads it, one request alone, then 1, 2, 4, 8, 16 requests decoding together
     (aggregate tokens/s); each variant (`fused`: the defaults; `unfused`: --no-fuse) in turn;
   - transformers in a child process (own memory cap, own time limit): `generate()` on the same
-    checkpoint as 2023 entries ran it (eager, dynamic cache), and the peer: `generate()` with a
-    static cache and the forward under `torch.compile(mode="reduce-overhead")`, on the same
-    shape with torchao's int8 weight-only Linear (gpt-fast's recipe; `--peer torchao`, the
-    default) or on the checkpoint's Marlin layers (`--peer marlin`, which never finished
-    compiling); what a user would try instead;
-  - with --profile: torch profiler's top kernels per decode step (one request, first variant).
+    checkpoint as 2023 entries ran it (eager, dynamic cache), and the peer: an eager prefill
+    into a static cache, then one-token steps of the forward under
+    `torch.compile(mode="reduce-overhead", fullgraph=True)` (gpt-fast's recipe), on the same
+    shape with torchao's int8 weight-only Linear (`--peer torchao`, the default) or on the
+    checkpoint's Marlin layers (`--peer marlin`); what a user would try instead;
+  - with --profile: torch profiler's kernels per decode step (one request), for every variant.
 Decode tokens/s excludes the prefill and first token. bound = bandwidth / bytes read per token
 (all weights except the embedding table, plus the KV cache of the context). Prints a table last and
 writes decode.json to $OUT (or ./bench-out).
@@ -244,20 +244,53 @@ def transformers_child(args) -> int:
             entry = result.setdefault(str(ids.shape[1]), {})
             entry["generate"] = time_generate(model, ids, args.new_tokens)
             reached(f"generate {ids.shape[1]}")
-    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
-    static = {"cache_implementation": "static", "disable_compile": True}
-    for length in lengths:
-        ids = tokenizer(prompt_of(tokenizer, length, seed=length), return_tensors="pt")
-        ids = ids["input_ids"].cuda()
+    # gpt-fast's recipe: the prompt in one eager pass into a static cache, then each next token
+    # from one compiled one-token step (reduce-overhead records its CUDA graph). Compiling the
+    # forward under generate() compiled the prompt's shape too and had not finished in 320 s.
+    from transformers import StaticCache
+
+    prompts = [
+        tokenizer(prompt_of(tokenizer, n, seed=n), return_tensors="pt")["input_ids"].cuda()
+        for n in lengths
+    ]
+    longest = max(p.shape[1] for p in prompts) + args.new_tokens
+    cache = StaticCache(config=model.config, max_cache_len=longest)
+    step = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    for ids in prompts:
         start = time.perf_counter()
         for attempt in ("compiled", "graphs recorded"):
-            time_generate(model, ids, 8, **static)
+            static_decode(model, step, cache, ids, 8)
             reached(f"{attempt} {ids.shape[1]}")
         entry = result.setdefault(str(ids.shape[1]), {})
         entry["peer_warmup_s"] = time.perf_counter() - start
-        entry["peer"] = time_generate(model, ids, args.new_tokens, **static)
+        entry["peer"] = {"decode_tok_s": static_decode(model, step, cache, ids, args.new_tokens)}
         reached(f"peer {ids.shape[1]}")
     return 0
+
+
+def static_decode(model, step, cache, ids: torch.Tensor, new_tokens: int) -> float:
+    """Greedy decode tokens/s of `step` (the compiled forward) after an eager prefill of `ids`
+    [1, T] into the static `cache`."""
+
+    def wait() -> None:
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+
+    cache.reset()
+    length = ids.shape[1]
+    with torch.no_grad():
+        positions = torch.arange(length, device=ids.device)
+        logits = model(input_ids=ids, past_key_values=cache, cache_position=positions).logits
+        token = logits[:, -1:].argmax(-1)  # [1, 1]
+        wait()
+        start = time.perf_counter()
+        for i in range(new_tokens - 1):
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
+            position = torch.tensor([length + i], device=ids.device)
+            out = step(input_ids=token, past_key_values=cache, cache_position=position)
+            token = out.logits[:, -1:].argmax(-1)
+        wait()
+    return (new_tokens - 1) / (time.perf_counter() - start)
 
 
 def torchao_model(folder: Path) -> torch.nn.Module:
