@@ -16,8 +16,8 @@
 #   bash bench/device_run.sh detload  # load.py 5 min, 30 clients, against serve --deterministic
 #   bash bench/device_run.sh spec     # CUDA tests, step_cost.py (k + 1 positions per row, prefill
 #                                     # chunks, Marlin vs dequantize + cuBLAS), decode.py profile
-#   bash bench/device_run.sh spec5    # spec3 in two calls: tests, profile, step costs ...
-#   bash bench/device_run.sh mixes    # ... then helm_mix after / before / k = 4
+#   bash bench/device_run.sh spec5    # CUDA tests, decode.py profile, step_cost.py
+#   bash bench/device_run.sh mixes    # helm_mix: the defaults, before (.old/src), k = 0
 #   bash bench/device_run.sh rule     # CUDA tests; decode.py, decode splits by batch size vs 16
 #   bash bench/device_run.sh tests mix
 #
@@ -110,43 +110,7 @@ for phase in "$@"; do
             --profile --no-transformers --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
         step cuda-tests-gptq 60 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider -k gptq
         ;;
-    spec2)  # after the fused rotary + KV write and per-bucket verify widths: all in one call
-        step cuda-tests 200 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider -k "not gptq"
-        ready
-        step step-cost 100 python3 bench/step_cost.py --checkpoint "$CKPT/gptq8-qwen14b" \
-            --gemm-m "" --out "$OUT"
-        step decode 80 python3 bench/decode.py --prompt-lengths 128 --variants fused --batches 1,4,16 \
-            --profile --no-transformers --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
-        step mix-before 90 env PYTHONPATH=".old/src:$PYTHONPATH" python3 bench/helm_mix.py \
-            --label before --orders helm --baseline-samples 0 --checkpoint "$CKPT" --out "$OUT"
-        step mix-after 90 python3 bench/helm_mix.py --label after --orders helm --baseline-samples 0 \
-            --checkpoint "$CKPT" --out "$OUT"
-        step mix-spec 90 python3 bench/helm_mix.py --label spec4 --orders helm --baseline-samples 0 \
-            --engine-args '{"speculative_tokens": 4}' --checkpoint "$CKPT" --out "$OUT"
-        ;;
-    spec3)  # spec2 in less device time: fewer rows and widths
-        step cuda-tests 150 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider -k "not gptq"
-        ready
-        step decode 60 python3 bench/decode.py --prompt-lengths 128 --variants fused --batches 1,16 \
-            --profile --no-transformers --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
-        step step-cost 60 python3 bench/step_cost.py --checkpoint "$CKPT/gptq8-qwen14b" \
-            --rows 1,10 --widths 1,4,5 --chunks 512,2048 --gemm-m "" --out "$OUT"
-        step mix-after 70 python3 bench/helm_mix.py --label after --orders helm --baseline-samples 0 \
-            --checkpoint "$CKPT" --out "$OUT"
-        step mix-before 70 env PYTHONPATH=".old/src:$PYTHONPATH" python3 bench/helm_mix.py \
-            --label before --orders helm --baseline-samples 0 --checkpoint "$CKPT" --out "$OUT"
-        step mix-spec 70 python3 bench/helm_mix.py --label spec4 --orders helm --baseline-samples 0 \
-            --engine-args '{"speculative_tokens": 4}' --checkpoint "$CKPT" --out "$OUT"
-        ;;
-    spec4)  # the least of spec3 (5 minutes of device time): CUDA tests, profile, step costs
-        step cuda-tests 120 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider -k "not gptq"
-        ready
-        step decode 55 python3 bench/decode.py --prompt-lengths 128 --variants fused --batches 1 \
-            --profile --no-transformers --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
-        step step-cost 50 python3 bench/step_cost.py --checkpoint "$CKPT/gptq8-qwen14b" \
-            --rows 1,10 --widths 1,4,5 --chunks 512,2048 --gemm-m "" --out "$OUT"
-        ;;
-    spec5)  # spec3's first half (about 400 s): CUDA tests, profile, step costs
+    spec5)  # about 400 s: CUDA tests, profile (two decode splits), step costs
         step cuda-tests 150 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider -k "not gptq"
         ready
         step decode 150 python3 bench/decode.py --prompt-lengths 128 --variants fused,split4 \
@@ -154,14 +118,14 @@ for phase in "$@"; do
         step step-cost 80 python3 bench/step_cost.py --checkpoint "$CKPT/gptq8-qwen14b" \
             --rows 1,10 --widths 1,4,5 --chunks 512,2048 --gemm-m "" --out "$OUT"
         ;;
-    mixes)  # spec3's second half: helm_mix after, before (.old/src), after with k = 4
+    mixes)  # helm_mix: the defaults (speculation on, on CUDA), before (.old/src), k = 0
         ready
         step mix-after 100 python3 bench/helm_mix.py --label after --orders helm --baseline-samples 0 \
             --checkpoint "$CKPT" --out "$OUT"
         step mix-before 100 env PYTHONPATH=".old/src:$PYTHONPATH" python3 bench/helm_mix.py \
             --label before --orders helm --baseline-samples 0 --checkpoint "$CKPT" --out "$OUT"
-        step mix-spec 100 python3 bench/helm_mix.py --label spec4 --orders helm --baseline-samples 0 \
-            --engine-args '{"speculative_tokens": 4}' --checkpoint "$CKPT" --out "$OUT"
+        step mix-k0 100 python3 bench/helm_mix.py --label k0 --orders helm --baseline-samples 0 \
+            --engine-args '{"speculative_tokens": 0}' --checkpoint "$CKPT" --out "$OUT"
         ;;
     rule)  # CUDA tests, then decode.py: split blocks by batch size against 16 everywhere
         step cuda-tests 150 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider -k "not gptq"
