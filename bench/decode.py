@@ -39,17 +39,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_14b import QWEN_14B, WORDS, build_checkpoint, make_tokenizer, tokenizer_of  # noqa: E402
 
-VARIANTS = {
-    "fused": {},
-    "unfused": {"fuse": False},
-    "deterministic": {"deterministic": True},
-    "split4": {},
-    "split16": {},
-}
 # Kernel constants a variant sets before loading (an A/B of a tuning choice in one call): blocks
 # per decode-attention program at every batch size, 4 (`split4`) or 16 (`split16`), against
 # the default's choice by batch size (`kernels.split_blocks`).
 KERNEL_CONSTANTS = {"split4": {"SPLIT_BLOCKS_MANY": 4}, "split16": {"SPLIT_BLOCKS_FEW": 16}}
+# Each variant's EngineConfig fields (the kernel-constant variants load the defaults).
+VARIANTS = {
+    "fused": {},
+    "unfused": {"fuse": False},
+    "deterministic": {"deterministic": True},
+} | dict.fromkeys(KERNEL_CONSTANTS, {})
 
 
 def copy_bandwidth(gib: float = 4.0, iters: int = 20) -> float:
