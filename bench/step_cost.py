@@ -10,8 +10,9 @@ Loads the engine as `onegpu serve` does (Marlin, GPU capped at 24 GiB), then:
     whose contexts hold `--context` tokens; milliseconds per step and the ratio to width 1.
     Speculation wins where tokens kept per verifying pass (measured on a real model by
     bench/speculation.py) exceed that ratio;
-  - prefill: one packed pass over a chunk of N prompt tokens: milliseconds and TFLOPS (2 x
-    weights x tokens, attention excluded);
+  - prefill: one packed pass over a chunk of N prompt tokens, on Marlin and on weights
+    dequantized per pass for cuBLAS (dense_prefill.py, when it loaded): milliseconds and TFLOPS
+    (2 x linear weights x tokens, attention excluded);
   - gemm: each projection shape of the model at M rows, Marlin against dequantizing the 8-bit
     weight to fp16 (timed) and one cuBLAS matmul: which is faster per chunk size.
 Prints tables last; writes step_cost.json to --out.
@@ -66,22 +67,47 @@ def step_costs(engine, rows_list: list[int], widths: list[int], context: int) ->
 
 
 def prefill_costs(engine, chunks: list[int], params: int) -> list[dict]:
+    """Each chunk size on Marlin, and (where the engine installed it) on weights dequantized
+    per pass for cuBLAS (dense_prefill.py), in turn on the same engine."""
     from onegpu.engine.forward import Chunk
 
+    dense = next(
+        (m.onegpu_dense for m in engine.model.modules() if hasattr(m, "onegpu_dense")), None
+    )
+    kernels = {"marlin": 10**9} | ({"dense": 1} if dense is not None else {})
+    default_rows = dense.min_rows if dense is not None else None
     pool, block = engine.pool, engine.pool.block_size
     results = []
     for n in chunks:
         table = pool.allocate(-(-n // block))
         chunk = [Chunk(0, [(7 * i) % 1000 + 1 for i in range(n)], 0, table, "last")]
+        entry: dict = {"tokens": n}
         try:
-            with torch.no_grad():
-                ms = timed(lambda chunk=chunk: engine.forward.prefill(chunk), 5)
+            for kernel, min_rows in kernels.items():
+                if dense is not None:
+                    dense.min_rows = min_rows
+                with torch.no_grad():
+                    ms = timed(lambda chunk=chunk: engine.forward.prefill(chunk), 5)
+                tflops = 2 * params * n / (ms / 1e3) / 1e12
+                entry[kernel] = {"ms": ms, "tflops": tflops}
+                print(f"prefill {n} tokens, {kernel}: {ms:.1f} ms, {tflops:.0f} TFLOPS", flush=True)
         finally:
             pool.release(table)
-        tflops = 2 * params * n / (ms / 1e3) / 1e12
-        results.append({"tokens": n, "ms": ms, "tflops": tflops})
-        print(f"prefill {n} tokens: {ms:.1f} ms, {tflops:.0f} TFLOPS", flush=True)
+            if dense is not None:
+                dense.min_rows = default_rows
+        results.append(entry)
     return results
+
+
+def linear_params(model: torch.nn.Module) -> int:
+    """Weights of every Linear and GPTQ layer (one per 8-bit code), the embedding excluded."""
+    from onegpu.engine.gptq_layers import is_gptq
+
+    return sum(
+        m.in_features * m.out_features
+        for m in model.modules()
+        if is_gptq(m) or isinstance(m, torch.nn.Linear)
+    )
 
 
 def dequantized(layer) -> torch.Tensor:
@@ -167,15 +193,11 @@ def main() -> int:
             prefill_chunk=max(int(c) for c in args.chunks.split(",")),
         )
     )
-    embed = engine.model.get_input_embeddings().weight
-    params = sum(p.numel() for p in engine.model.parameters()) - embed.numel()
-    params += sum(  # packed 8-bit weights are buffers: 4 weights per int32
-        4 * b.numel() for name, b in engine.model.named_buffers() if name.endswith("qweight")
-    )
+    params = linear_params(engine.model)
     result: dict = {"gpu": torch.cuda.get_device_name(), "context": args.context}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    steps = [int(r) for r in args.rows.split(",")]
+    steps = [int(r) for r in args.rows.split(",") if r]
     for name, run in (
         ("step", lambda: step_costs(engine, steps, widths, args.context)),
         (

@@ -126,6 +126,12 @@ class ServeSettings(JobSettings):
         ENGINE.prefix_cache,
         description="share the KV blocks of identical prompt prefixes between requests",
     )
+    dense_prefill: bool = Field(
+        ENGINE.dense_prefill,
+        description="8-bit GPTQ on CUDA: a prefill pass of many prompt tokens dequantizes each "
+        "layer's weight to fp16 and multiplies with cuBLAS instead of Marlin (costs one buffer "
+        "the size of the largest layer's fp16 weight)",
+    )
     deterministic: bool = Field(
         ENGINE.deterministic,
         description="batch-invariant kernels: a greedy answer is bit-identical alone or among "

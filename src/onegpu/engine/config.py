@@ -37,6 +37,9 @@ class EngineConfig:
     # waiting for up to 2,048 prompt tokens.
     prefill_chunk: int = 2048
     prefix_cache: bool = True
+    # 8-bit Marlin layers run large prefill passes on fp16 weights dequantized per pass, with
+    # cuBLAS (dense_prefill.py; one buffer as large as the largest layer's weight).
+    dense_prefill: bool = True
     # Batch-invariant kernels: a greedy answer bit-identical whatever shares its batch.
     deterministic: bool = False
     # Prompt-lookup speculation for greedy requests: tokens drafted per decode row (0: off).
