@@ -258,7 +258,7 @@ def transformers_child(args) -> int:
     for ids in prompts:
         start = time.perf_counter()
         for attempt in ("compiled", "graphs recorded"):
-            static_decode(model, step, cache, ids, 8)
+            static_decode(model, step, cache, ids, 8, reached if attempt == "compiled" else None)
             reached(f"{attempt} {ids.shape[1]}")
         entry = result.setdefault(str(ids.shape[1]), {})
         entry["peer_warmup_s"] = time.perf_counter() - start
@@ -267,9 +267,10 @@ def transformers_child(args) -> int:
     return 0
 
 
-def static_decode(model, step, cache, ids: torch.Tensor, new_tokens: int) -> float:
+def static_decode(model, step, cache, ids: torch.Tensor, new_tokens: int, reached=None) -> float:
     """Greedy decode tokens/s of `step` (the compiled forward) after an eager prefill of `ids`
-    [1, T] into the static `cache`."""
+    [1, T] into the static `cache`; `reached(stage)`, if given, after the prefill and the first
+    step (the compile)."""
 
     def wait() -> None:
         if ids.is_cuda:
@@ -282,12 +283,17 @@ def static_decode(model, step, cache, ids: torch.Tensor, new_tokens: int) -> flo
         logits = model(input_ids=ids, past_key_values=cache, cache_position=positions).logits
         token = logits[:, -1:].argmax(-1)  # [1, 1]
         wait()
+        if reached:
+            reached("prefilled")
         start = time.perf_counter()
         for i in range(new_tokens - 1):
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
             position = torch.tensor([length + i], device=ids.device)
             out = step(input_ids=token, past_key_values=cache, cache_position=position)
             token = out.logits[:, -1:].argmax(-1)
+            if reached and i == 0:
+                wait()
+                reached("first step")
         wait()
     return (new_tokens - 1) / (time.perf_counter() - start)
 
@@ -437,7 +443,7 @@ def main() -> int:
                 args, role, folder, out / "decode-transformers.json", args.peer_timeout
             )
         result["variants"] = {}
-        for name in args.variants.split(","):
+        for name in filter(None, args.variants.split(",")):  # "": the peer alone
             role = ["--variant-child", name, "--bandwidth", str(bandwidth)]
             if args.profile:
                 role.append("--profile")

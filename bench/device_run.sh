@@ -8,6 +8,10 @@
 #   bash bench/device_run.sh decode   # decode.py: fused and unfused engines, with a profile
 #   bash bench/device_run.sh peer     # decode.py: generate() and the torchao peer, then onegpu
 #                                     # at batch 1 (nearly a whole call: run it on a warm machine)
+#   bash bench/device_run.sh dense    # CUDA tests; prefill per chunk, Marlin vs dequantized + cuBLAS;
+#                                     # helm_mix: the defaults, before (.old/src)
+#   bash bench/device_run.sh peercold # the peer, then onegpu at batch 1, on a fresh machine
+#   bash bench/device_run.sh peerlong # the peer (420 s), then onegpu's batch-1 profile (warm machine)
 #   bash bench/device_run.sh mixfused # helm_mix with the defaults (fused projections and kernels)
 #   bash bench/device_run.sh final    # CUDA tests, then decode.py (fused, with the profile)
 #   bash bench/device_run.sh determinism  # CUDA tests of the batch-invariant kernels, then
@@ -134,6 +138,20 @@ for phase in "$@"; do
             --batches 1,4,8,16 --profile --no-transformers --checkpoint "$CKPT/gptq8-qwen14b" \
             --out "$OUT"
         ;;
+    dense)  # about 520 s: CUDA tests, prefill per chunk on Marlin and on dequantized weights,
+        # helm_mix: the defaults, then before (.old/src)
+        step cuda-tests 150 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider \
+            -k "not gptq and not dense"
+        ready
+        step cuda-tests-marlin 100 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider \
+            -k "gptq or dense"
+        step prefill 100 python3 bench/step_cost.py --checkpoint "$CKPT/gptq8-qwen14b" --rows "" \
+            --chunks 256,512,1024,2048 --gemm-m "" --out "$OUT"
+        step mix-after 90 python3 bench/helm_mix.py --label after --orders helm --baseline-samples 0 \
+            --checkpoint "$CKPT" --out "$OUT"
+        step mix-before 90 env PYTHONPATH=".old/src:$PYTHONPATH" python3 bench/helm_mix.py \
+            --label before --orders helm --baseline-samples 0 --checkpoint "$CKPT" --out "$OUT"
+        ;;
     mixfused)
         ready
         step mix-fused 150 python3 bench/helm_mix.py --label fused --baseline-samples 0 \
@@ -144,6 +162,22 @@ for phase in "$@"; do
         # The torchao peer (int8 weight-only, torch.compile), then onegpu at batch 1 beside it.
         step peer 450 python3 bench/decode.py --prompt-lengths 128 --variants fused --batches 1 \
             --peer-timeout 320 --variant-timeout 120 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
+        ;;
+    peercold)  # the peer on a fresh machine: it needs no Marlin, which builds meanwhile
+        step checkpoint 120 python3 -c "$CHECKPOINT"
+        step peer 300 python3 bench/decode.py --prompt-lengths 128 --variants "" --batches 1 \
+            --peer-timeout 270 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT/peer"
+        wait_marlin
+        step onegpu 120 python3 bench/decode.py --prompt-lengths 128 --variants fused --batches 1 \
+            --no-transformers --variant-timeout 110 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
+        ;;
+    peerlong)  # the peer with most of a call (a warm machine), then onegpu's profile at batch 1
+        ready
+        step peer 430 python3 bench/decode.py --prompt-lengths 128 --variants "" --batches 1 \
+            --peer-timeout 420 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT/peer"
+        step decode 110 python3 bench/decode.py --prompt-lengths 128 --variants fused --batches 1 \
+            --profile --no-transformers --variant-timeout 100 --checkpoint "$CKPT/gptq8-qwen14b" \
+            --out "$OUT"
         ;;
     mix)
         ready
