@@ -138,15 +138,15 @@ for phase in "$@"; do
             --batches 1,4,8,16 --profile --no-transformers --checkpoint "$CKPT/gptq8-qwen14b" \
             --out "$OUT"
         ;;
-    dense)  # about 520 s: CUDA tests, prefill per chunk on Marlin and on dequantized weights,
+    dense)  # about 500 s: CUDA tests, prefill per chunk on Marlin and on dequantized weights,
         # helm_mix: the defaults, then before (.old/src)
-        step cuda-tests 150 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider \
+        step cuda-tests 100 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider \
             -k "not gptq and not dense"
         ready
-        step cuda-tests-marlin 100 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider \
+        step cuda-tests-marlin 90 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider \
             -k "gptq or dense"
-        step prefill 100 python3 bench/step_cost.py --checkpoint "$CKPT/gptq8-qwen14b" --rows "" \
-            --chunks 256,512,1024,2048 --gemm-m "" --out "$OUT"
+        step prefill 90 python3 bench/step_cost.py --checkpoint "$CKPT/gptq8-qwen14b" --rows "" \
+            --chunks 512,1024,2048 --gemm-m "" --out "$OUT"
         step mix-after 90 python3 bench/helm_mix.py --label after --orders helm --baseline-samples 0 \
             --checkpoint "$CKPT" --out "$OUT"
         step mix-before 90 env PYTHONPATH=".old/src:$PYTHONPATH" python3 bench/helm_mix.py \
