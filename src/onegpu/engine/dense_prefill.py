@@ -2,10 +2,11 @@
 per pass, into one buffer shared by every layer.
 
 Marlin reads the 8-bit weight once per 64 rows of activations and runs its tensor-core tiles at
-about a third of cuBLAS's rate on large inputs (H100, 14B-shaped layers, 2,048 rows: q/k/v 0.98
-ms against 0.43 with fp16 weights, gate/up 1.79 against 0.75). A pass of that size pays the
-dequantization (one read of the 8-bit weight, one fp16 write) and wins the rest; a decode step
-(a few rows) stays on Marlin, which reads the weight once in all.
+well under cuBLAS's rate on large inputs (H100, 14B-shaped layers, 2,048 rows: q/k/v 0.98 ms
+against 0.43 with fp16 weights, gate/up 1.79 against 0.75). A pass of that size pays the
+dequantization (one read of the 8-bit weight, one fp16 write) and wins the rest: a 2,048-token
+chunk of the 14B took 129.7 ms instead of 219.0. A decode step (a few rows) stays on Marlin,
+which reads the weight once in all.
 
 Marlin's tile order is read from GPTQModel's own repack at load (`read_layout`: pack weights that
 name their row and column, repack them, see where each went), not written down here, and every
@@ -28,8 +29,10 @@ from onegpu.engine.gptq_layers import is_gptq
 
 log = logging.getLogger(__name__)
 
-# Rows from which a pass runs on dequantized weights. Placeholder until measured per chunk size.
-DENSE_MIN_ROWS = 1024
+# Rows from which a pass runs on dequantized weights. H100, 14B-shaped 8-bit, one prefill chunk
+# (bench/step_cost.py): 512 tokens 54.7 -> 45.1 ms, 1,024 107.1 -> 71.4, 2,048 219.0 -> 129.7.
+# The gain shrinks by ~26 ms per 512 rows fewer, so 256 would be about even (not measured).
+DENSE_MIN_ROWS = 512
 # Marlin's tile: 16 input rows x 64 output columns, 1,024 bytes in 256 int32 of one repacked row.
 TILE_K, TILE_N = 16, 64
 TILE_BYTES = TILE_K * TILE_N
