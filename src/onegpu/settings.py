@@ -19,7 +19,13 @@ from typing import ClassVar, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from onegpu.engine.config import SPECULATIVE_TOKENS_CUDA, Dtype, EngineConfig, KvCacheDtype
+from onegpu.engine.config import (
+    DENSE_MIN_ROWS,
+    SPECULATIVE_TOKENS_CUDA,
+    Dtype,
+    EngineConfig,
+    KvCacheDtype,
+)
 
 # The engine's own defaults; ServeSettings describes these fields for people and reuses them.
 ENGINE = EngineConfig()
@@ -128,9 +134,9 @@ class ServeSettings(JobSettings):
     )
     dense_prefill: bool = Field(
         ENGINE.dense_prefill,
-        description="8-bit GPTQ on CUDA: a prefill pass of many prompt tokens dequantizes each "
-        "layer's weight to fp16 and multiplies with cuBLAS instead of Marlin (costs one buffer "
-        "the size of the largest layer's fp16 weight)",
+        description=f"8-bit GPTQ on CUDA: a prefill pass of {DENSE_MIN_ROWS} or more prompt tokens "
+        "dequantizes each layer's weight to fp16 and multiplies with cuBLAS instead of Marlin "
+        "(costs one buffer the size of the largest layer's fp16 weight)",
     )
     deterministic: bool = Field(
         ENGINE.deterministic,

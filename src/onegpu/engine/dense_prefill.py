@@ -25,14 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
+from onegpu.engine.config import DENSE_MIN_ROWS
 from onegpu.engine.gptq_layers import is_gptq
 
 log = logging.getLogger(__name__)
 
-# Rows from which a pass runs on dequantized weights. H100, 14B-shaped 8-bit, one prefill chunk
-# (bench/step_cost.py): 512 tokens 54.7 -> 45.1 ms, 1,024 107.1 -> 71.4, 2,048 219.0 -> 129.7.
-# The gain shrinks by ~26 ms per 512 rows fewer, so 256 would be about even (not measured).
-DENSE_MIN_ROWS = 512
 # Marlin's tile: 16 input rows x 64 output columns, 1,024 bytes in 256 int32 of one repacked row.
 TILE_K, TILE_N = 16, 64
 TILE_BYTES = TILE_K * TILE_N
