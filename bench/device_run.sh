@@ -6,8 +6,6 @@
 #   bash bench/device_run.sh speed    # generate() baselines, decode.py
 #   bash bench/device_run.sh variants # helm_mix with the defaults, --prefill-chunk 2048, int8 KV
 #   bash bench/device_run.sh decode   # decode.py: fused and unfused engines, with a profile
-#   bash bench/device_run.sh peer     # decode.py: generate() and the torchao peer, then onegpu
-#                                     # at batch 1 (nearly a whole call: run it on a warm machine)
 #   bash bench/device_run.sh dense    # CUDA tests; prefill per chunk, Marlin vs dequantized + cuBLAS;
 #                                     # helm_mix: the defaults, before (.old/src)
 #   bash bench/device_run.sh peercold # the peer, then onegpu at batch 1, on a fresh machine
@@ -156,12 +154,6 @@ for phase in "$@"; do
         ready
         step mix-fused 150 python3 bench/helm_mix.py --label fused --baseline-samples 0 \
             --checkpoint "$CKPT" --out "$OUT"
-        ;;
-    peer)
-        ready
-        # The torchao peer (int8 weight-only, torch.compile), then onegpu at batch 1 beside it.
-        step peer 450 python3 bench/decode.py --prompt-lengths 128 --variants fused --batches 1 \
-            --peer-timeout 320 --variant-timeout 120 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
         ;;
     peercold)  # the peer on a fresh machine: it needs no Marlin, which builds meanwhile
         step checkpoint 120 python3 -c "$CHECKPOINT"
