@@ -15,7 +15,6 @@ import torch
 
 from onegpu.device import cap_gpu_memory, cuda_index, resolve_device, resolve_dtype
 from onegpu.engine.config import EngineConfig
-from onegpu.engine.dense_prefill import install as install_dense_prefill
 from onegpu.engine.embedded import EMBEDDED_NAME, embedded_model_dir
 from onegpu.engine.fusion import fuse
 from onegpu.engine.generate import Engine
@@ -129,7 +128,9 @@ def _load_model(config: EngineConfig, device: torch.device, dtype: torch.dtype):
         # GPTQ layers are joined from the checkpoint's packed tensors (a local folder).
         fuse(model, checkpoint=Path(source) if quantization else None)
     if quantization and config.dense_prefill and device.type == "cuda":
-        install_dense_prefill(model)  # before the KV cache takes what memory is left
+        from onegpu.engine.dense_prefill import install  # Triton: imported on CUDA only
+
+        install(model)  # before the KV cache takes what memory is left
     model.eval()
     max_context = config.max_context
     model_limit = getattr(model.config, "max_position_embeddings", None)
