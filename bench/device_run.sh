@@ -10,6 +10,10 @@
 #                                     # helm_mix: the defaults, before (.old/src)
 #   bash bench/device_run.sh peercold # the peer, then onegpu at batch 1, on a fresh machine
 #   bash bench/device_run.sh peerlong # the peer (420 s), then onegpu's batch-1 profile (warm machine)
+#   bash bench/device_run.sh together # the peer compiling beside the CUDA tests and the builds,
+#                                     # timed alone; onegpu's batch-1 profile; helm_mix after, before
+#   bash bench/device_run.sh peeronly # the peer alone (460 s) on a fresh machine: no Marlin build,
+#                                     # no checkpoint (the peer needs the shape and tokenizer only)
 #   bash bench/device_run.sh mixfused # helm_mix with the defaults (fused projections and kernels)
 #   bash bench/device_run.sh final    # CUDA tests, then decode.py (fused, with the profile)
 #   bash bench/device_run.sh determinism  # CUDA tests of the batch-invariant kernels, then
@@ -54,6 +58,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log, say how it
 # Marlin's JIT build (about 200 s on a fresh machine) runs in the background from the start, so
 # the CUDA tests and the checkpoint build overlap with it; `wait_marlin` joins it.
 MARLIN="import gptqmodel.extension as e; e.load('marlin_fp16')"
+[ "${1:-}" = peeronly ] && MARLIN="pass"  # its CPU cores go to the peer's compile instead
 (timeout 400 python3 -c "$MARLIN" >/tmp/marlin.log 2>&1; echo "marlin rc=$?" >>/tmp/marlin.log) &
 MARLIN_PID=$!
 wait_marlin() {
@@ -74,6 +79,13 @@ from train_14b import QWEN_14B, WORDS, build_checkpoint, make_tokenizer
 t = make_tokenizer(WORDS); shape = dict(QWEN_14B); shape['vocab_size'] = max(shape['vocab_size'], len(t))
 folder = Path('$CKPT/gptq8-qwen14b')
 (folder / 'config.json').exists() or build_checkpoint(folder, shape, t)"
+
+SHAPE="import json, sys; sys.path.insert(0, 'bench')
+from pathlib import Path
+from train_14b import QWEN_14B, WORDS, make_tokenizer, qwen2_config
+t = make_tokenizer(WORDS); shape = dict(QWEN_14B); shape['vocab_size'] = max(shape['vocab_size'], len(t))
+folder = Path('$CKPT/shape-qwen14b'); folder.mkdir(parents=True, exist_ok=True)
+(folder / 'config.json').write_text(json.dumps(qwen2_config(shape, t, 'float16'))); t.save_pretrained(folder)"
 
 ready() {  # the 14B checkpoint (kept on a warm machine) and the Marlin build, before timing
     step checkpoint 120 python3 -c "$CHECKPOINT"
@@ -162,6 +174,41 @@ for phase in "$@"; do
         wait_marlin
         step onegpu 120 python3 bench/decode.py --prompt-lengths 128 --variants fused --batches 1 \
             --no-transformers --variant-timeout 110 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
+        ;;
+    together)  # about 550 s on a fresh machine
+        step shape 60 python3 -c "$SHAPE"
+        rm -f /tmp/peer-go
+        (timeout 420 env ONEGPU_PEER_GO=/tmp/peer-go python3 bench/decode.py --prompt-lengths 128 \
+            --variants "" --batches 1 --peer-timeout 410 --checkpoint "$CKPT/shape-qwen14b" \
+            --out "$OUT/peer" >"$OUT/peer.log" 2>&1) &
+        PEER_PID=$!
+        (python3 -c "$CHECKPOINT" >/tmp/checkpoint.log 2>&1; echo "checkpoint rc=$?" >>/tmp/checkpoint.log) &
+        CKPT_PID=$!
+        step cuda-tests 150 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider \
+            -k "not gptq and not dense"
+        step peer-compile 330 bash -c "until grep -q waiting '$OUT/peer/decode-transformers.json' \
+            2>/dev/null || ! kill -0 $PEER_PID 2>/dev/null; do sleep 2; done"
+        touch /tmp/peer-go
+        step peer-timed 60 bash -c "while kill -0 $PEER_PID 2>/dev/null; do sleep 1; done"
+        cat "$OUT/peer/decode-transformers.json" >>"$LOG"
+        wait "$CKPT_PID"
+        echo "=== $(tail -1 /tmp/checkpoint.log) (at $((SECONDS - t0))s)" | tee -a "$LOG"
+        wait_marlin
+        step cuda-tests-marlin 90 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider \
+            -k "gptq or dense"
+        step decode 100 python3 bench/decode.py --prompt-lengths 128 --variants fused --batches 1 \
+            --profile --no-transformers --variant-timeout 90 --checkpoint "$CKPT/gptq8-qwen14b" \
+            --out "$OUT"
+        step mix-after 80 python3 bench/helm_mix.py --label after --orders helm --baseline-samples 0 \
+            --checkpoint "$CKPT" --out "$OUT"
+        step mix-before 80 env PYTHONPATH=".old/src:$PYTHONPATH" python3 bench/helm_mix.py \
+            --label before --orders helm --baseline-samples 0 --checkpoint "$CKPT" --out "$OUT"
+        ;;
+    peeronly)
+        step shape 60 python3 -c "$SHAPE"
+        step peer 470 env TORCH_LOGS=recompiles,graph_breaks python3 bench/decode.py \
+            --prompt-lengths 128 --variants "" --batches 1 --peer-timeout 460 \
+            --checkpoint "$CKPT/shape-qwen14b" --out "$OUT/peer"
         ;;
     peerlong)  # the peer with most of a call (a warm machine), then onegpu's profile at batch 1
         ready

@@ -147,9 +147,10 @@ class ServeSettings(JobSettings):
         ENGINE.speculative_tokens,
         ge=0,
         le=16,
-        description="greedy requests draft up to this many tokens from their own text and "
-        "verify them in one pass (prompt lookup; each token is still the model's greedy choice, "
-        "and the answer bit-identical to one without it under --deterministic); on the GPU the "
+        description="requests draft up to this many tokens from their own text and verify "
+        "them in one pass (prompt lookup; each token is still the one the request would take "
+        "without it, greedy or sampled, and the answer bit-identical under --deterministic); "
+        "on the GPU the "
         "draft is cut so that a pass holds at most 64 rows; 0 turns it off; unset: "
         f"{SPECULATIVE_TOKENS_CUDA} on a CUDA GPU, 0 on the CPU (where it is slower)",
     )

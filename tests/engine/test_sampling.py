@@ -3,11 +3,18 @@ import math
 import pytest
 import torch
 
-from onegpu.engine.sampling import pick, suppress, warp
+from onegpu.engine.sampling import pick, position_seed, request_seed, suppress, warp
+from tests.conftest import DEVICES
 
 
-def choose_token(logits, **kwargs) -> int:
-    return int(pick(logits, **kwargs))
+def choose_token(logits, *, seed=0, index=0, **kwargs) -> int:
+    """One token drawn from one row of logits [V], as the request's `index`-th new token."""
+    return int(pick(logits[None], seed=seed, index=index, **kwargs)[0])
+
+
+def draws(logits, seed, n, **kwargs) -> list[int]:
+    """New tokens 0..n-1 of a request drawn with `seed`, each from the same logits."""
+    return [choose_token(logits, seed=seed, index=i, **kwargs) for i in range(n)]
 
 
 LOGITS = torch.log(torch.tensor([0.5, 0.3, 0.2]))
@@ -17,17 +24,12 @@ LOGITS = torch.log(torch.tensor([0.5, 0.3, 0.2]))
 def test_tiny_temperatures_are_greedy(temperature):
     logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
     for seed in range(5):
-        g = torch.Generator().manual_seed(seed)
-        assert choose_token(logits, temperature=temperature, top_k=0, top_p=1.0, generator=g) == 1
+        assert choose_token(logits, temperature=temperature, top_k=0, top_p=1.0, seed=seed) == 1
 
 
 def test_just_above_the_greedy_threshold_samples():
     logits = torch.zeros(4)  # uniform: sampling must visit more than one token
-    g = torch.Generator().manual_seed(0)
-    picks = {
-        choose_token(logits, temperature=1e-4, top_k=0, top_p=1.0, generator=g) for _ in range(50)
-    }
-    assert len(picks) > 1
+    assert len(set(draws(logits, 0, 50, temperature=1e-4, top_k=0, top_p=1.0))) > 1
 
 
 @pytest.mark.parametrize(
@@ -73,25 +75,63 @@ def test_suppress_masks_only_valid_ids(ids, masked):
 
 def test_same_seed_same_samples_and_frequencies_follow_probabilities():
     logits = torch.log(torch.tensor([0.9, 0.1]))
-
-    def draws(seed, n=2000):
-        g = torch.Generator().manual_seed(seed)
-        return [
-            choose_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=g) for _ in range(n)
-        ]
-
-    first = draws(123)
-    assert first == draws(123)
-    assert first != draws(124)
+    warped = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    first = draws(logits, 123, 2000, **warped)
+    assert first == draws(logits, 123, 2000, **warped)
+    assert first != draws(logits, 124, 2000, **warped)
     assert math.isclose(first.count(0) / len(first), 0.9, abs_tol=0.03)
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.3, 3, 0.9)])
+def test_frequencies_follow_the_warped_probabilities(temperature, top_k, top_p):
+    logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1]))
+    want = torch.softmax(warp(logits, temperature=temperature, top_k=top_k, top_p=top_p), -1)
+    got = draws(logits, 7, 4000, temperature=temperature, top_k=top_k, top_p=top_p)
+    for token, p in enumerate(want.tolist()):
+        assert math.isclose(got.count(token) / len(got), p, abs_tol=0.025), (token, p)
 
 
 @pytest.mark.parametrize("temperature", [1e4, 1e39, 1e300, 1.7976931348623157e308])
 def test_huge_temperatures_with_suppressed_tokens_stay_samplable(temperature):
     logits = suppress(torch.tensor([8.0, 0.0, 0.0, 0.0]), [0])
-    g = torch.Generator().manual_seed(0)
-    picks = {
-        choose_token(logits, temperature=temperature, top_k=0, top_p=1.0, generator=g)
-        for _ in range(40)
-    }
+    picks = set(draws(logits, 0, 40, temperature=temperature, top_k=0, top_p=1.0))
     assert picks == {1, 2, 3}  # uniform over the rest, never the suppressed token
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("first", "count"), [(0, 5), (17, 3), (4, 1)])
+def test_a_token_drawn_among_others_is_the_one_drawn_alone(device, first, count):
+    """The draw at an index depends on (seed, index) and that position's logits alone: several
+    positions picked in one call give what one call per position gives (speculation's verify)."""
+    logits = torch.randn(count, 50, generator=torch.Generator().manual_seed(first)).to(device)
+    warped = {"temperature": 0.7, "top_k": 20, "top_p": 0.95}
+    together = pick(logits, seed=99, index=first, **warped).tolist()
+    alone = [
+        int(pick(logits[i : i + 1], seed=99, index=first + i, **warped)[0]) for i in range(count)
+    ]
+    assert together == alone
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [((0, 0), (0, 1)), ((0, 0), (1, 0)), ((1, 0), (0, 1)), ((2**62, 5), (2**62, 6))],
+)
+def test_position_seeds_differ_by_seed_and_index(a, b):
+    assert position_seed(*a) != position_seed(*b)
+    assert position_seed(*a) == position_seed(*a)
+    assert 0 <= position_seed(*a) < 2**63
+
+
+@pytest.mark.parametrize(("given", "same"), [(5, True), (0, True), (None, False)])
+def test_a_request_draws_with_its_seed_or_a_random_one(given, same):
+    seeds = {request_seed(given) for _ in range(3)}
+    assert (seeds == {given}) is same
+    assert all(0 <= seed < 2**63 for seed in seeds)
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(0, 1.0), (2, 1.0), (0, 0.6), (3, 0.8)])
+def test_warp_of_rows_is_warp_of_each_row(top_k, top_p):
+    rows = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    together = warp(rows, temperature=0.5, top_k=top_k, top_p=top_p)
+    for row, got in zip(rows, together, strict=True):
+        assert torch.equal(got, warp(row, temperature=0.5, top_k=top_k, top_p=top_p))

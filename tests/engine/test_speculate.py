@@ -121,9 +121,9 @@ class BigramLM(torch.nn.Module):
 CYCLE = [9707, 11, 1879, 0]  # "Hello", ",", " world", "!"
 
 
-def bigram_engine(tokenizer, k, **config):
+def bigram_engine(tokenizer, k, margin=8.0, **config):
     following = {a: b for a, b in zip(CYCLE, CYCLE[1:] + CYCLE[:1], strict=True)}
-    model = BigramLM(following, vocab_size=len(tokenizer))
+    model = BigramLM(following, vocab_size=len(tokenizer), margin=margin)
     return make_engine(model, tokenizer, speculative_tokens=k, default_stop=(), **config), model
 
 
@@ -187,6 +187,39 @@ def test_end_of_text_inside_a_verified_run_ends_the_answer(qwen_tokenizer):
     assert got.token_ids == [11, 1879] and got.finish_reason == "eos"
     assert engine.stats()["speculation_accepted"] >= 2
     assert engine.pool.in_use == 0
+
+
+@pytest.mark.parametrize("margin", [20.0, 12.3])
+def test_a_sampled_answer_is_the_one_drawn_without_drafts(qwen_tokenizer, margin):
+    """Sampled at temperature 1 over the whole vocabulary: a margin of 20 gives the map's token
+    all but certainly, so the draws follow the cycle and the drafts are kept; one of 12.3 gives it
+    about 60%, so draws stray and drafts are dropped. Either way each token is the one plain
+    decoding draws at that index, with the same logprobs."""
+    request = GenerationRequest(
+        prompt="",
+        prompt_ids=tuple(CYCLE * 2),
+        temperature=1.0,
+        top_k=0,
+        seed=5,
+        max_new_tokens=40,
+        top_k_per_token=2,
+    )
+    plain, plain_model = bigram_engine(qwen_tokenizer, 0, margin)
+    fast, fast_model = bigram_engine(qwen_tokenizer, 4, margin)
+    want, got = plain.generate(request), fast.generate(request)
+    assert (got.token_ids, got.tokens, got.finish_reason) == (
+        want.token_ids,
+        want.tokens,
+        want.finish_reason,
+    )
+    stats = fast.stats()
+    assert stats["speculation_drafted"] > 0
+    if margin > 15:
+        assert stats["speculation_accepted"] == stats["speculation_drafted"]
+        assert len(got.token_ids) == 40 and fast_model.passes < plain_model.passes / 2
+    else:
+        assert stats["speculation_accepted"] < stats["speculation_drafted"]
+    assert fast.pool.in_use == 0
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -42,7 +42,7 @@ class EngineConfig:
     dense_prefill: bool = True
     # Batch-invariant kernels: a greedy answer bit-identical whatever shares its batch.
     deterministic: bool = False
-    # Prompt-lookup speculation for greedy requests: tokens drafted per decode row (0: off).
+    # Prompt-lookup speculation: tokens drafted per decode row (0: off), greedy or sampled.
     # None: SPECULATIVE_TOKENS_CUDA on a CUDA GPU, 0 on the CPU (`speculative_tokens_for`).
     speculative_tokens: int | None = None
 
@@ -55,7 +55,7 @@ SPECULATIVE_TOKENS_CUDA = 4
 
 
 def speculative_tokens_for(config: EngineConfig, device_type: str) -> int:
-    """Tokens drafted per greedy row for an engine on `device_type` ("cuda", "cpu", ...)."""
+    """Tokens drafted per decode row for an engine on `device_type` ("cuda", "cpu", ...)."""
     if config.speculative_tokens is not None:
         return config.speculative_tokens
     return SPECULATIVE_TOKENS_CUDA if device_type == "cuda" else 0

@@ -29,7 +29,7 @@ from onegpu.engine.failures import Guard
 from onegpu.engine.forward import Chunk, Forward, Row
 from onegpu.engine.kvcache import PagedKVCache
 from onegpu.engine.schedule import Scheduler
-from onegpu.engine.scoring import choose, prompt_scores, score
+from onegpu.engine.scoring import choose, choose_run, prompt_scores, score
 from onegpu.engine.sequence import Output, Scored, log_done, start
 from onegpu.engine.sequence import Sequence as Running
 from onegpu.engine.speculate import Speculation
@@ -262,7 +262,8 @@ class Engine:
         for seq, logits in zip(seqs, outputs, strict=True):
             self.scheduler.computed(seq, 1)
             if seq.draft:
-                chosen = self.speculation.judge(seq, logits)  # the accepted run, and one more
+                # The accepted run, and one more.
+                chosen = self.speculation.judge(seq, choose_run(logits, seq.output))
                 self._take(seq, self._score(logits[: len(chosen)], chosen, seq.output.alternatives))
         if plain:
             self._advance([seq for seq, _ in plain], torch.cat([logits for _, logits in plain]))

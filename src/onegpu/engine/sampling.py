@@ -1,10 +1,19 @@
-"""Choosing the next token from one row of logits: greedy, or temperature / top-k / top-p sampling.
+"""Choosing the next tokens from logits: greedy, or temperature / top-k / top-p sampling.
 
-Logprobs are never computed from what these functions return: they only pick the token.
+A sampled token is the argmax of its warped scores plus Gumbel noise (the Gumbel-max trick: the
+same distribution as drawing from their softmax). The noise of a request's i-th new token comes
+from a generator seeded by (the request's seed, i) alone, so which token is drawn depends on the
+logits at that position and nothing else: not on the tokens drawn before it in the same pass,
+nor on how many positions the pass held. That is what lets a speculative pass verify a sampled
+request's draft exactly as a greedy one (a guess is kept while it equals the token drawn there),
+and what keeps a seeded answer the same with speculation on or off.
+
+Logprobs are never computed from what these functions return: they only pick the tokens.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable
 
 import torch
@@ -14,6 +23,31 @@ from onegpu.engine.types import GREEDY_TEMPERATURE
 # Above this, sampling is already uniform over the surviving tokens; a larger divisor would
 # overflow float32 to inf, and -inf (a suppressed token) / inf is NaN.
 MAX_TEMPERATURE = 1e4
+_MASK64 = (1 << 64) - 1
+
+
+def request_seed(seed: int | None) -> int:
+    """The seed a sampled request draws with: its own, else a fresh random one."""
+    return seed if seed is not None else secrets.randbits(63)
+
+
+def position_seed(seed: int, index: int) -> int:
+    """The generator seed for the `index`-th new token of a request drawn with `seed`: SplitMix64
+    of the pair, so neighbouring indices and seeds get unrelated streams."""
+    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1  # 63 bits
+
+
+def gumbel(seed: int, first: int, count: int, vocab: int, generator: torch.Generator):
+    """Gumbel noise [count, vocab] for new tokens first.. of a request drawn with `seed`, on the
+    generator's device; each row depends on (seed, its index) alone."""
+    rows = []
+    for index in range(first, first + count):
+        generator.manual_seed(position_seed(seed, index))
+        rows.append(torch.rand(vocab, generator=generator, device=generator.device))
+    return -torch.log(-torch.log(torch.stack(rows)))  # u = 0 gives -inf: never drawn
 
 
 def suppress(logits: torch.Tensor, token_ids: Iterable[int]) -> torch.Tensor:
@@ -27,23 +61,23 @@ def suppress(logits: torch.Tensor, token_ids: Iterable[int]) -> torch.Tensor:
 
 
 def warp(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (nucleus) filtering of one row of logits [V].
+    """Temperature, then top-k, then top-p (nucleus) filtering of rows of logits [..., V].
 
-    `top_k <= 0` or `>= V` and `top_p >= 1` disable their filter. At least one token always
-    survives, so the result can be sampled from.
+    `top_k <= 0` or `>= V` and `top_p >= 1` disable their filter. At least one token of each row
+    always survives, so the result can be sampled from.
     """
-    scores = logits.float() / min(temperature, MAX_TEMPERATURE)  # [V]
+    scores = logits.float() / min(temperature, MAX_TEMPERATURE)  # [..., V]
     vocab = scores.shape[-1]
     if 0 < top_k < vocab:
-        kth = torch.topk(scores, top_k).values[-1]
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True)  # [V]
-        cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        probs = torch.softmax(sorted_scores, dim=-1)
         # Drop a token when the tokens before it already reach top_p; the first always stays.
-        drop_sorted = (cumulative - torch.softmax(sorted_scores, dim=-1)) >= top_p
-        drop_sorted[0] = False
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop_sorted[..., 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
     return scores
 
@@ -54,15 +88,20 @@ def pick(
     temperature: float,
     top_k: int,
     top_p: float,
-    generator: torch.Generator | None,
+    seed: int,
+    index: int,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """The next token id from one row of raw logits [V], as a 0-d tensor on their device.
+    """Token ids [P] on the logits' device for `logits` [P, V]: new tokens index.. of a request
+    drawn with `seed` (`generator`, on that device, is reseeded for each; a new one if None).
 
     Temperatures at or below GREEDY_TEMPERATURE (HELM sends 1e-7 for 0) take the argmax: dividing
     by 1e-7 would overflow to inf and sampling would then be arbitrary. Nothing waits for the
     device here: the batch's choices are read back together.
     """
     if temperature <= GREEDY_TEMPERATURE:
-        return torch.argmax(logits)
-    probs = torch.softmax(warp(logits, temperature=temperature, top_k=top_k, top_p=top_p), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[0]
+        return torch.argmax(logits, dim=-1)
+    scores = warp(logits, temperature=temperature, top_k=top_k, top_p=top_p)  # [P, V]
+    generator = generator or torch.Generator(device=logits.device)
+    noise = gumbel(seed, index, scores.shape[0], scores.shape[-1], generator)
+    return torch.argmax(scores + noise, dim=-1)

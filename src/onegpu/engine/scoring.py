@@ -1,9 +1,10 @@
 """From logits to answers: each request's next token and every score HELM reads.
 
-`choose` picks every row's token on the device (one argmax for the greedy rows, seeded sampling
-for the others, end-of-text suppressed before `min_new_tokens`); `score` turns logits and targets
-into raw logprobs with their top alternatives, copied back in one transfer. Echoed prompts are
-scored position by position as their chunks are prefilled (`prompt_scores`).
+`choose` picks every row's token on the device (one argmax for the greedy rows, sampling keyed by
+the token's index for the others, end-of-text suppressed before `min_new_tokens`); `choose_run`
+picks one request's tokens at several positions, as `choose` would one at a time; `score` turns
+logits and targets into raw logprobs with their top alternatives, copied back in one transfer.
+Echoed prompts are scored position by position as their chunks are prefilled (`prompt_scores`).
 """
 
 from __future__ import annotations
@@ -30,16 +31,27 @@ def choose(logits: torch.Tensor, outputs: Sequence[Output]) -> torch.Tensor:
             choice[i] = suppress(logits[i], outputs[i].eos_ids)
     chosen = torch.argmax(choice, dim=-1)
     for i, out in enumerate(outputs):
-        request = out.request
-        if not request.greedy:
-            chosen[i] = pick(
-                choice[i],
-                temperature=request.temperature,
-                top_k=request.top_k,
-                top_p=request.top_p,
-                generator=out.generator,
-            )
+        if not out.request.greedy:
+            chosen[i] = choose_run(choice[i : i + 1], out)[0]
     return chosen
+
+
+def choose_run(logits: torch.Tensor, out: Output) -> torch.Tensor:
+    """The request's tokens [P] at the P positions of `logits` [P, V], its next P new tokens,
+    each as `choose` would pick it there (a sampled token depends on its index alone, not on
+    the others). Nothing is suppressed: runs are verified only past `min_new_tokens`."""
+    request = out.request
+    if request.greedy:
+        return torch.argmax(logits, dim=-1)
+    return pick(
+        logits,
+        temperature=request.temperature,
+        top_k=request.top_k,
+        top_p=request.top_p,
+        seed=out.seed,
+        index=len(out.scored),
+        generator=out.generator,
+    )
 
 
 def score(

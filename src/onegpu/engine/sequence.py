@@ -22,6 +22,7 @@ import torch
 
 from onegpu.engine.detokenize import IncrementalDetokenizer, token_pieces
 from onegpu.engine.logprobs import finite
+from onegpu.engine.sampling import request_seed
 from onegpu.engine.stopping import StopMatcher, cut_pieces
 from onegpu.engine.text import Text
 from onegpu.engine.types import Completion, ContextWindowError, GenerationRequest, TokenInfo
@@ -98,6 +99,9 @@ class Output:
     stops: StopMatcher
     detok: IncrementalDetokenizer
     eos_ids: frozenset[int]
+    # A sampled request's seed (its own or a random one) and the generator its noise is drawn
+    # from (`sampling.gumbel`); None for a greedy one.
+    seed: int | None
     generator: torch.Generator | None
     future: Future[Completion]
     cancelled: Callable[[], bool]
@@ -222,7 +226,7 @@ def start(
     """A new request's sequence and output; ContextWindowError when it cannot fit.
 
     Stops: the request's own, else (when it asks for more than one token) the server's default
-    cut. Seeded sampling gets its own generator.
+    cut. A sampled request gets its seed (a random one when it names none) and a generator.
     """
     if len(prompt_ids) + request.max_new_tokens > max_context:
         raise ContextWindowError(len(prompt_ids), request.max_new_tokens, max_context)
@@ -232,15 +236,16 @@ def start(
         stops = StopMatcher(soft=default_stop)
     else:
         stops = StopMatcher()
-    generator = None
-    if not request.greedy and request.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(request.seed)
+    seed = generator = None
+    if not request.greedy:
+        seed, generator = request_seed(request.seed), torch.Generator(device=device)
     output = Output(
         request=request,
         prompt_ids=prompt_ids,
         stops=stops,
         detok=IncrementalDetokenizer(text.raw, context_ids=prompt_ids),
         eos_ids=text.eos_ids,
+        seed=seed,
         generator=generator,
         future=future,
         cancelled=cancelled,

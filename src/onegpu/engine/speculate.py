@@ -1,13 +1,17 @@
 """Prompt-lookup speculation: draft the next tokens from the request's own text, verify them all
 in one pass, keep the longest run the model agrees with.
 
-A greedy answer often repeats what came before it (a number from the question, a phrase of the
-few-shot examples, its own earlier step), so the tokens that followed the last occurrence of the
-current ending are a good guess at the next ones. The model checks k guesses at once (a decode
-row of k + 1 positions costs about what one does while the weights' reads dominate); the first
-guess the model's argmax disagrees with, and everything after it, is dropped, so the answer is the
-one greedy decoding gives. Measured on Qwen2.5-Coder-0.5B's greedy GSM8K answers (HELM's 5-shot
-prompts, the 32 of 40 that stop by themselves): 1.72 tokens per verifying pass with k = 4.
+An answer often repeats what came before it (a number from the question, a phrase of the few-shot
+examples or of the article it summarizes, its own earlier step), so the tokens that followed the
+last occurrence of the current ending are a good guess at the next ones. The model checks k
+guesses at once (a decode row of k + 1 positions costs about what one does while the weights'
+reads dominate); the first guess that differs from the token the request would take there, and
+everything after it, is dropped, so the answer is the one plain decoding gives. For a greedy
+request that token is the argmax; for a sampled one it is the token its noise draws at that index
+(`sampling`), which depends on nothing the draft changes; a guess is then kept with the
+probability the model gives it there, as in speculative sampling with a draft certain of its
+guess. Measured on Qwen2.5-Coder-0.5B's greedy GSM8K answers (HELM's 5-shot prompts, the 32 of
+40 that stop by themselves): 1.72 tokens per verifying pass with k = 4.
 """
 
 from __future__ import annotations
@@ -53,8 +57,8 @@ def accepted(draft: Sequence[int], chosen: Sequence[int]) -> int:
 
 
 class Speculation:
-    """Drafts `k` tokens for each greedy request past its first tokens, and judges them against
-    the model's logits over the draft; counts what was drafted and kept."""
+    """Drafts `k` tokens for each request past its first tokens, and judges them against the
+    model's choices over the draft; counts what was drafted and kept."""
 
     def __init__(self, k: int, width: Callable[[int], int] | None = None) -> None:
         self.k = k
@@ -71,9 +75,7 @@ class Speculation:
         for seq in running:
             request, scored = seq.output.request, len(seq.output.scored)
             left = request.max_new_tokens - scored - 1  # the verifying pass adds one more
-            eligible = (
-                k > 0 and seq.decoding and request.greedy and scored >= request.min_new_tokens
-            )
+            eligible = k > 0 and seq.decoding and scored >= request.min_new_tokens
             seq.draft = propose(seq.ids, min(k, left)) if eligible else []
 
     def rows(self, seqs: Iterable[Running]) -> list[Row]:
@@ -81,10 +83,10 @@ class Speculation:
         self.steps += 1
         return [Row(seq.key, [seq.ids[-1], *seq.draft], seq.computed, seq.table) for seq in seqs]
 
-    def judge(self, seq: Running, logits: torch.Tensor) -> torch.Tensor:
-        """The tokens kept, from the logits [k + 1, V] over `seq`'s chunk: the model's greedy
-        choices up to its first disagreement with the draft, and the one after it."""
-        chosen = torch.argmax(logits, dim=-1)  # [k + 1]
+    def judge(self, seq: Running, chosen: torch.Tensor) -> torch.Tensor:
+        """The tokens kept from `chosen` [k + 1], the request's own choices at each position of
+        `seq`'s chunk (`scoring.choose_run`): those up to its first disagreement with the draft,
+        and the one after it."""
         keep = accepted(seq.draft, chosen.tolist()) + 1
         self.passes += 1
         self.drafted += len(seq.draft)

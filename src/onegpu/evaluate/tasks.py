@@ -311,6 +311,13 @@ def _boolq_block(row: dict[str, Any], answer: str | None) -> str:
     return block + (f"Answer: {answer}\n" if answer is not None else "Answer:")
 
 
+def passages(data: Path, *, limit: int) -> list[str]:
+    """The `limit` longest distinct BoolQ validation passages: real Wikipedia paragraphs, the
+    nearest offline stand-in for the articles HELM's summarization scenarios send."""
+    rows = read_split(_datasets(data) / "boolq" / "none" / "validation")
+    return sorted({row["passage"] for row in rows}, key=lambda text: (-len(text), text))[:limit]
+
+
 def boolq(
     data: Path, *, limit: int, count: Callable[[str], int] | None = None, window: int = 2048
 ) -> list[Item]:
