@@ -184,12 +184,17 @@ for phase in "$@"; do
         PEER_PID=$!
         (python3 -c "$CHECKPOINT" >/tmp/checkpoint.log 2>&1; echo "checkpoint rc=$?" >>/tmp/checkpoint.log) &
         CKPT_PID=$!
-        step cuda-tests 150 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider \
+        step cuda-tests 180 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider \
             -k "not gptq and not dense"
-        step peer-compile 330 bash -c "until grep -q waiting '$OUT/peer/decode-transformers.json' \
+        step peer-compile 240 bash -c "until grep -q waiting '$OUT/peer/decode-transformers.json' \
             2>/dev/null || ! kill -0 $PEER_PID 2>/dev/null; do sleep 2; done"
-        touch /tmp/peer-go
-        step peer-timed 60 bash -c "while kill -0 $PEER_PID 2>/dev/null; do sleep 1; done"
+        if grep -q waiting "$OUT/peer/decode-transformers.json" 2>/dev/null; then
+            touch /tmp/peer-go
+            step peer-timed 60 bash -c "while kill -0 $PEER_PID 2>/dev/null; do sleep 1; done"
+        else  # never timed beside onegpu's figures
+            pkill -f transformers-child
+            echo "=== peer: not compiled in time, stopped (at $((SECONDS - t0))s)" | tee -a "$LOG"
+        fi
         cat "$OUT/peer/decode-transformers.json" >>"$LOG"
         wait "$CKPT_PID"
         echo "=== $(tail -1 /tmp/checkpoint.log) (at $((SECONDS - t0))s)" | tee -a "$LOG"
