@@ -12,6 +12,7 @@
 #   bash bench/device_run.sh peerlong # the peer (420 s), then onegpu's batch-1 profile (warm machine)
 #   bash bench/device_run.sh together # the peer compiling beside the CUDA tests and the builds,
 #                                     # timed alone; onegpu's batch-1 profile; helm_mix after, before
+#   bash bench/device_run.sh sampled  # CUDA tests of speculation; helm_mix: defaults, k = 0, before
 #   bash bench/device_run.sh peeronly # the peer alone (460 s) on a fresh machine: no Marlin build,
 #                                     # no checkpoint (the peer needs the shape and tokenizer only)
 #   bash bench/device_run.sh mixfused # helm_mix with the defaults (fused projections and kernels)
@@ -207,6 +208,21 @@ for phase in "$@"; do
         step mix-after 80 python3 bench/helm_mix.py --label after --orders helm --baseline-samples 0 \
             --checkpoint "$CKPT" --out "$OUT"
         step mix-before 80 env PYTHONPATH=".old/src:$PYTHONPATH" python3 bench/helm_mix.py \
+            --label before --orders helm --baseline-samples 0 --checkpoint "$CKPT" --out "$OUT"
+        ;;
+    sampled)  # about 400 s on a fresh machine
+        (python3 -c "$CHECKPOINT" >/tmp/checkpoint.log 2>&1; echo "checkpoint rc=$?" >>/tmp/checkpoint.log) &
+        CKPT_PID=$!
+        step cuda-tests 120 python3 -m pytest tests/engine/test_speculate.py \
+            tests/engine/test_batching.py tests/engine/test_sampling.py -m cuda -q -p no:cacheprovider
+        wait "$CKPT_PID"
+        echo "=== $(tail -1 /tmp/checkpoint.log) (at $((SECONDS - t0))s)" | tee -a "$LOG"
+        wait_marlin
+        step mix-after 70 python3 bench/helm_mix.py --label after --orders helm --baseline-samples 0 \
+            --checkpoint "$CKPT" --out "$OUT"
+        step mix-k0 70 python3 bench/helm_mix.py --label k0 --orders helm --baseline-samples 0 \
+            --engine-args '{"speculative_tokens": 0}' --checkpoint "$CKPT" --out "$OUT"
+        step mix-before 70 env PYTHONPATH=".old/src:$PYTHONPATH" python3 bench/helm_mix.py \
             --label before --orders helm --baseline-samples 0 --checkpoint "$CKPT" --out "$OUT"
         ;;
     peeronly)

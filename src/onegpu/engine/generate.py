@@ -256,17 +256,28 @@ class Engine:
 
     def _verify(self, seqs: list[Running]) -> None:
         """One packed pass over each sequence's last token and its draft (`speculate`); those
-        without a draft decode their one token in it."""
-        outputs = self.forward.verify(self.speculation.rows(seqs))
-        plain = [(seq, logits) for seq, logits in zip(seqs, outputs, strict=True) if not seq.draft]
+        without a draft decode their one token in it. Every position's choice is scored before
+        the drafts are judged, so that the step waits for the device once, not once per row."""
+        outputs = self.forward.verify(self.speculation.rows(seqs))  # [len(tokens), V] per row
+        chosen = {
+            i: choose_run(logits, seq.output)
+            for i, (seq, logits) in enumerate(zip(seqs, outputs, strict=True))
+            if seq.draft
+        }
+        plain = [i for i, seq in enumerate(seqs) if not seq.draft]
+        if plain:  # one token each, chosen as a plain decode step would
+            picked = choose(torch.cat([outputs[i] for i in plain]), [seqs[i].output for i in plain])
+            chosen |= {i: picked[row : row + 1] for row, i in enumerate(plain)}
+        alternatives = max(seq.output.alternatives for seq in seqs)
+        targets = torch.cat([chosen[i] for i in range(len(seqs))])
+        scored = self._score(torch.cat(outputs), targets, alternatives)
+        start = 0
         for seq, logits in zip(seqs, outputs, strict=True):
+            items, start = scored[start : start + len(logits)], start + len(logits)
             self.scheduler.computed(seq, 1)
-            if seq.draft:
-                # The accepted run, and one more.
-                chosen = self.speculation.judge(seq, choose_run(logits, seq.output))
-                self._take(seq, self._score(logits[: len(chosen)], chosen, seq.output.alternatives))
-        if plain:
-            self._advance([seq for seq, _ in plain], torch.cat([logits for _, logits in plain]))
+            if seq.draft:  # the accepted run, and one more
+                items = items[: self.speculation.judge(seq, [item.token_id for item in items])]
+            self._take(seq, items)
 
     # -- post-process ---------------------------------------------------------------------------
 

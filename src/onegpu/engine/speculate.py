@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Sequence
 
-import torch
-
 from onegpu.engine.forward import Row
 from onegpu.engine.sequence import Sequence as Running
 
@@ -83,16 +81,16 @@ class Speculation:
         self.steps += 1
         return [Row(seq.key, [seq.ids[-1], *seq.draft], seq.computed, seq.table) for seq in seqs]
 
-    def judge(self, seq: Running, chosen: torch.Tensor) -> torch.Tensor:
-        """The tokens kept from `chosen` [k + 1], the request's own choices at each position of
-        `seq`'s chunk (`scoring.choose_run`): those up to its first disagreement with the draft,
-        and the one after it."""
-        keep = accepted(seq.draft, chosen.tolist()) + 1
+    def judge(self, seq: Running, chosen: Sequence[int]) -> int:
+        """How many of `chosen` (the request's own tokens at each position of `seq`'s chunk,
+        `scoring.choose_run`) it keeps: those up to the first disagreement with the draft, and
+        the one after it."""
+        keep = accepted(seq.draft, chosen) + 1
         self.passes += 1
         self.drafted += len(seq.draft)
         self.accepted += keep - 1
         seq.draft = []
-        return chosen[:keep]
+        return keep
 
     def stats(self) -> dict[str, int]:
         return {
