@@ -13,6 +13,7 @@
 #   bash bench/device_run.sh together # the peer compiling beside the CUDA tests and the builds,
 #                                     # timed alone; onegpu's batch-1 profile; helm_mix after, before
 #   bash bench/device_run.sh sampled  # CUDA tests of speculation; helm_mix: defaults, k = 0, before
+#   bash bench/device_run.sh spectests # CUDA tests of speculation, batching and sampling (no Marlin)
 #   bash bench/device_run.sh peeronly # the peer alone (460 s) on a fresh machine: no Marlin build,
 #                                     # no checkpoint (the peer needs the shape and tokenizer only)
 #   bash bench/device_run.sh mixfused # helm_mix with the defaults (fused projections and kernels)
@@ -59,7 +60,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log, say how it
 # Marlin's JIT build (about 200 s on a fresh machine) runs in the background from the start, so
 # the CUDA tests and the checkpoint build overlap with it; `wait_marlin` joins it.
 MARLIN="import gptqmodel.extension as e; e.load('marlin_fp16')"
-[ "${1:-}" = peeronly ] && MARLIN="pass"  # its CPU cores go to the peer's compile instead
+case "${1:-}" in peeronly | spectests) MARLIN="pass" ;; esac  # phases that need no Marlin
 (timeout 400 python3 -c "$MARLIN" >/tmp/marlin.log 2>&1; echo "marlin rc=$?" >>/tmp/marlin.log) &
 MARLIN_PID=$!
 wait_marlin() {
@@ -224,6 +225,11 @@ for phase in "$@"; do
             --engine-args '{"speculative_tokens": 0}' --checkpoint "$CKPT" --out "$OUT"
         step mix-before 70 env PYTHONPATH=".old/src:$PYTHONPATH" python3 bench/helm_mix.py \
             --label before --orders helm --baseline-samples 0 --checkpoint "$CKPT" --out "$OUT"
+        ;;
+    spectests)
+        step cuda-tests 200 python3 -m pytest tests/engine/test_speculate.py \
+            tests/engine/test_batching.py tests/engine/test_sampling.py tests/engine/test_generate.py \
+            -m cuda -q -p no:cacheprovider
         ;;
     peeronly)
         step shape 60 python3 -c "$SHAPE"
