@@ -151,6 +151,7 @@ def main() -> int:
                 device=args.device,
                 deterministic=args.deterministic,
                 speculative_tokens=k,
+                speculate_sampled=True,
             )
             engine = load_engine(config)
             completions, steps, seconds = run(engine, items, batch, temperature)

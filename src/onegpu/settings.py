@@ -147,12 +147,16 @@ class ServeSettings(JobSettings):
         ENGINE.speculative_tokens,
         ge=0,
         le=16,
-        description="requests draft up to this many tokens from their own text and verify "
-        "them in one pass (prompt lookup; each token is still the one the request would take "
-        "without it, greedy or sampled, and the answer bit-identical under --deterministic); "
-        "on the GPU the "
+        description="greedy requests draft up to this many tokens from their own text and "
+        "verify them in one pass (prompt lookup; each token is still the one the request would "
+        "take without it, and the answer bit-identical under --deterministic); on the GPU the "
         "draft is cut so that a pass holds at most 64 rows; 0 turns it off; unset: "
         f"{SPECULATIVE_TOKENS_CUDA} on a CUDA GPU, 0 on the CPU (where it is slower)",
+    )
+    speculate_sampled: bool = Field(
+        ENGINE.speculate_sampled,
+        description="sampled requests draft too (each token is still the one the request "
+        "draws without drafts); off until measured a win on a GPU (see the README)",
     )
     max_queue: int = Field(256, ge=1, description="requests allowed to wait; more get 503")
     request_timeout_s: float = Field(

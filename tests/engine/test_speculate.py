@@ -205,8 +205,11 @@ def test_a_sampled_answer_is_the_one_drawn_without_drafts(qwen_tokenizer, margin
         top_k_per_token=2,
     )
     plain, plain_model = bigram_engine(qwen_tokenizer, 0, margin)
-    fast, fast_model = bigram_engine(qwen_tokenizer, 4, margin)
+    fast, fast_model = bigram_engine(qwen_tokenizer, 4, margin, speculate_sampled=True)
     want, got = plain.generate(request), fast.generate(request)
+    greedy_only, _ = bigram_engine(qwen_tokenizer, 4, margin)  # the default drafts none
+    assert greedy_only.generate(request).token_ids == want.token_ids
+    assert greedy_only.stats()["speculation_drafted"] == 0
     assert (got.token_ids, got.tokens, got.finish_reason) == (
         want.token_ids,
         want.tokens,
@@ -233,7 +236,9 @@ def test_answers_are_those_of_plain_decoding(
     config = {"max_batch": 7, "default_stop": (), "deterministic": deterministic, "device": device}
     plain = make_engine(tiny_qwen_model, qwen_tokenizer, **config)
     want = run_interleaved(plain, REQUESTS, join_every=1)
-    fast = make_engine(tiny_qwen_model, qwen_tokenizer, speculative_tokens=3, **config)
+    fast = make_engine(
+        tiny_qwen_model, qwen_tokenizer, speculative_tokens=3, speculate_sampled=True, **config
+    )
     got = run_interleaved(fast, REQUESTS, join_every=1)
     for a, b in zip(want, got, strict=True):
         if deterministic:

@@ -42,9 +42,13 @@ class EngineConfig:
     dense_prefill: bool = True
     # Batch-invariant kernels: a greedy answer bit-identical whatever shares its batch.
     deterministic: bool = False
-    # Prompt-lookup speculation: tokens drafted per decode row (0: off), greedy or sampled.
+    # Prompt-lookup speculation: tokens drafted per decode row (0: off).
     # None: SPECULATIVE_TOKENS_CUDA on a CUDA GPU, 0 on the CPU (`speculative_tokens_for`).
     speculative_tokens: int | None = None
+    # Sampled requests draft too (greedy ones only when off). Off: the one GPU mix that drafted
+    # them (H200, random weights) ran the summaries 4.8 s against 3.1 s without, before a
+    # verifying step's waits for the GPU were merged into one; not measured since.
+    speculate_sampled: bool = False
 
 
 # On an H100 a decode row of 5 positions cost 1.08x a row of one, and 10 rows of 4 positions

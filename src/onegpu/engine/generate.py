@@ -98,7 +98,9 @@ class Engine:
             draft=drafted,
         )
         self._keys = 0
-        self.speculation = Speculation(drafted, self.forward.verify_width)
+        self.speculation = Speculation(
+            drafted, self.forward.verify_width, sampled=config.speculate_sampled
+        )
         self.guard = Guard(self.scheduler, self._release)  # runs each pass, contains its failure
         self.prompt_tokens = 0
         self.peak_running = 0

@@ -55,11 +55,15 @@ def accepted(draft: Sequence[int], chosen: Sequence[int]) -> int:
 
 
 class Speculation:
-    """Drafts `k` tokens for each request past its first tokens, and judges them against the
-    model's choices over the draft; counts what was drafted and kept."""
+    """Drafts `k` tokens for each greedy request (and each sampled one, with `sampled`) past
+    its first tokens, and judges them against the request's choices over the draft; counts what
+    was drafted and kept."""
 
-    def __init__(self, k: int, width: Callable[[int], int] | None = None) -> None:
+    def __init__(
+        self, k: int, width: Callable[[int], int] | None = None, *, sampled: bool = False
+    ) -> None:
         self.k = k
+        self.sampled = sampled
         # Positions per row a verifying pass over n rows may have (k + 1 when not given).
         self.width = width or (lambda rows: k + 1)
         self.steps = self.passes = self.drafted = self.accepted = 0
@@ -73,7 +77,12 @@ class Speculation:
         for seq in running:
             request, scored = seq.output.request, len(seq.output.scored)
             left = request.max_new_tokens - scored - 1  # the verifying pass adds one more
-            eligible = k > 0 and seq.decoding and scored >= request.min_new_tokens
+            eligible = (
+                k > 0
+                and seq.decoding
+                and (request.greedy or self.sampled)
+                and scored >= request.min_new_tokens
+            )
             seq.draft = propose(seq.ids, min(k, left)) if eligible else []
 
     def rows(self, seqs: Iterable[Running]) -> list[Row]:
