@@ -8,11 +8,10 @@
 #   bash bench/device_run.sh decode   # decode.py: fused and unfused engines, with a profile
 #   bash bench/device_run.sh dense    # CUDA tests; prefill per chunk, Marlin vs dequantized + cuBLAS;
 #                                     # helm_mix: the defaults, before (.old/src)
-#   bash bench/device_run.sh peercold # the peer, then onegpu at batch 1, on a fresh machine
-#   bash bench/device_run.sh peerlong # the peer (420 s), then onegpu's batch-1 profile (warm machine)
 #   bash bench/device_run.sh together # the peer compiling beside the CUDA tests and the builds,
 #                                     # timed alone; onegpu's batch-1 profile; helm_mix after, before
-#   bash bench/device_run.sh sampled  # CUDA tests of speculation; helm_mix: defaults, k = 0, before
+#   bash bench/device_run.sh sampled  # CUDA tests of speculation; helm_mix: defaults,
+#                                     # --speculate-sampled, before
 #   bash bench/device_run.sh spectests # CUDA tests of speculation, batching and sampling (no Marlin)
 #   bash bench/device_run.sh peeronly # the peer alone (460 s) on a fresh machine: no Marlin build,
 #                                     # no checkpoint (the peer needs the shape and tokenizer only)
@@ -169,14 +168,6 @@ for phase in "$@"; do
         step mix-fused 150 python3 bench/helm_mix.py --label fused --baseline-samples 0 \
             --checkpoint "$CKPT" --out "$OUT"
         ;;
-    peercold)  # the peer on a fresh machine: it needs no Marlin, which builds meanwhile
-        step checkpoint 120 python3 -c "$CHECKPOINT"
-        step peer 300 python3 bench/decode.py --prompt-lengths 128 --variants "" --batches 1 \
-            --peer-timeout 270 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT/peer"
-        wait_marlin
-        step onegpu 120 python3 bench/decode.py --prompt-lengths 128 --variants fused --batches 1 \
-            --no-transformers --variant-timeout 110 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
-        ;;
     together)  # about 550 s on a fresh machine
         step shape 60 python3 -c "$SHAPE"
         rm -f /tmp/peer-go
@@ -221,8 +212,9 @@ for phase in "$@"; do
         wait_marlin
         step mix-after 70 python3 bench/helm_mix.py --label after --orders helm --baseline-samples 0 \
             --checkpoint "$CKPT" --out "$OUT"
-        step mix-k0 70 python3 bench/helm_mix.py --label k0 --orders helm --baseline-samples 0 \
-            --engine-args '{"speculative_tokens": 0}' --checkpoint "$CKPT" --out "$OUT"
+        step mix-sampled 70 python3 bench/helm_mix.py --label sampled --orders helm \
+            --baseline-samples 0 --engine-args '{"speculate_sampled": true}' --checkpoint "$CKPT" \
+            --out "$OUT"
         step mix-before 70 env PYTHONPATH=".old/src:$PYTHONPATH" python3 bench/helm_mix.py \
             --label before --orders helm --baseline-samples 0 --checkpoint "$CKPT" --out "$OUT"
         ;;
@@ -236,14 +228,6 @@ for phase in "$@"; do
         step peer 470 env TORCH_LOGS=recompiles,graph_breaks python3 bench/decode.py \
             --prompt-lengths 128 --variants "" --batches 1 --peer-timeout 460 \
             --checkpoint "$CKPT/shape-qwen14b" --out "$OUT/peer"
-        ;;
-    peerlong)  # the peer with most of a call (a warm machine), then onegpu's profile at batch 1
-        ready
-        step peer 430 python3 bench/decode.py --prompt-lengths 128 --variants "" --batches 1 \
-            --peer-timeout 420 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT/peer"
-        step decode 110 python3 bench/decode.py --prompt-lengths 128 --variants fused --batches 1 \
-            --profile --no-transformers --variant-timeout 100 --checkpoint "$CKPT/gptq8-qwen14b" \
-            --out "$OUT"
         ;;
     mix)
         ready
