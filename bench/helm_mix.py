@@ -183,6 +183,14 @@ def summarize(latencies: list[float], tokens: int, seconds: float, failures: int
     }
 
 
+def counters(engine) -> dict[str, int]:
+    """The engine's running totals of speculation and preemption ({} for an engine without)."""
+    stats = engine.stats() if hasattr(engine, "stats") else {}
+    keep = ("speculation_steps", "speculation_passes", "speculation_drafted")
+    keep += ("speculation_accepted", "preemptions", "recomputed_tokens")
+    return {name: stats[name] for name in keep if name in stats}
+
+
 def run_onegpu(engine, requests: list[dict], clients: int, *, by_scenario: bool) -> dict:
     """Post `requests` from `clients` threads over HTTP; scenario by scenario if asked."""
     import httpx
@@ -202,6 +210,7 @@ def run_onegpu(engine, requests: list[dict], clients: int, *, by_scenario: bool)
         else [requests]
     )
     per_group: dict[str, float] = {}
+    per_group_engine: dict[str, dict[str, int]] = {}  # what each group added to `counters`
     prompt_tokens = sum(len(engine.tokenize(r["body"]["prompt"])) for r in requests)
     with live_server(app) as url, httpx.Client(base_url=url, timeout=3600) as client:
 
@@ -222,12 +231,12 @@ def run_onegpu(engine, requests: list[dict], clients: int, *, by_scenario: bool)
         with Peaks(engine) as peaks:
             start = time.perf_counter()
             for group in groups:
-                began = time.perf_counter()
+                name = group[0]["scenario"] if by_scenario else "all"
+                began, counted = time.perf_counter(), counters(engine)
                 with ThreadPoolExecutor(clients) as pool:
                     list(pool.map(post, group))
-                per_group[group[0]["scenario"] if by_scenario else "all"] = (
-                    time.perf_counter() - began
-                )
+                per_group[name] = time.perf_counter() - began
+                per_group_engine[name] = {k: v - counted[k] for k, v in counters(engine).items()}
             seconds = time.perf_counter() - start
     result = summarize(latencies, tokens, seconds, len(failures))
     reused = engine.scheduler.reused_tokens - reused_before
@@ -242,6 +251,7 @@ def run_onegpu(engine, requests: list[dict], clients: int, *, by_scenario: bool)
         "reused_share": reused / prompt_tokens,
         "kv_cache_gib": engine.cache.nbytes() / 2**30,
         "scenario_seconds": per_group,
+        "scenario_engine": per_group_engine,
     }
     if hasattr(engine, "stats"):
         result["engine"] = engine.stats()
@@ -408,6 +418,19 @@ def report(result: dict, args) -> None:
         if order == "helm":
             times = ", ".join(f"{k} {v:.1f} s" for k, v in ours["scenario_seconds"].items())
             print(f"by scenario: {times}; multiple choice {ours['mc_requests_per_s']:.1f} req/s")
+            drafted = {
+                k: v for k, v in ours["scenario_engine"].items() if v.get("speculation_passes")
+            }
+            if drafted:
+                print(
+                    "kept per drafted row and pass, by scenario: "
+                    + ", ".join(
+                        f"{k} {v['speculation_accepted'] / v['speculation_passes']:.2f} "
+                        f"({v['speculation_accepted']} of {v['speculation_drafted']} in "
+                        f"{v['speculation_steps']} passes)"
+                        for k, v in drafted.items()
+                    )
+                )
 
 
 if __name__ == "__main__":
