@@ -40,7 +40,9 @@ def position_seed(seed: int, index: int) -> int:
     return (z ^ (z >> 31)) >> 1  # 63 bits
 
 
-def gumbel(seed: int, first: int, count: int, vocab: int, generator: torch.Generator):
+def gumbel(
+    seed: int, first: int, count: int, vocab: int, generator: torch.Generator
+) -> torch.Tensor:
     """Gumbel noise [count, vocab] for new tokens first.. of a request drawn with `seed`, on the
     generator's device; each row depends on (seed, its index) alone."""
     rows = []

@@ -311,10 +311,14 @@ def _boolq_block(row: dict[str, Any], answer: str | None) -> str:
     return block + (f"Answer: {answer}\n" if answer is not None else "Answer:")
 
 
+def _boolq_rows(data: Path) -> list[dict[str, Any]]:
+    return read_split(_datasets(data) / "boolq" / "none" / "validation")
+
+
 def passages(data: Path, *, limit: int) -> list[str]:
     """The `limit` longest distinct BoolQ validation passages: real Wikipedia paragraphs, the
     nearest offline stand-in for the articles HELM's summarization scenarios send."""
-    rows = read_split(_datasets(data) / "boolq" / "none" / "validation")
+    rows = _boolq_rows(data)
     return sorted({row["passage"] for row in rows}, key=lambda text: (-len(text), text))[:limit]
 
 
@@ -322,7 +326,7 @@ def boolq(
     data: Path, *, limit: int, count: Callable[[str], int] | None = None, window: int = 2048
 ) -> list[Item]:
     """The first `limit` BoolQ validation items, 5-shot, answered Yes or No."""
-    rows = read_split(_datasets(data) / "boolq" / "none" / "validation")
+    rows = _boolq_rows(data)
     pool, evaluated = rows[-HELD_OUT:], rows[:-HELD_OUT]
 
     def yes_no(row: dict[str, Any]) -> str:
