@@ -19,6 +19,7 @@ import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from functools import partial
+from itertools import accumulate
 
 import torch
 
@@ -247,49 +248,53 @@ class Engine:
                 else:
                     ready.append((seq, logits[-1:]))
         if ready:
-            self._advance([seq for seq, _ in ready], torch.cat([x for _, x in ready]))
+            seqs = [seq for seq, _ in ready]
+            self._advance(seqs, torch.cat([x for _, x in ready]), [1] * len(seqs))
 
     def _decode(self, seqs: list[Running]) -> None:
         rows = [Row(seq.key, [seq.ids[-1]], seq.computed, seq.table) for seq in seqs]
         logits = self.forward.decode(rows)  # [n, V]
         for seq in seqs:
             self.scheduler.computed(seq, 1)
-        self._advance(seqs, logits)
+        self._advance(seqs, logits, [1] * len(seqs))
 
     def _verify(self, seqs: list[Running]) -> None:
         """One packed pass over each sequence's last token and its draft (`speculate`); those
-        without a draft decode their one token in it. Every position's choice is scored before
-        the drafts are judged, so that the step waits for the device once, not once per row."""
+        without a draft decode their one token in it."""
         outputs = self.forward.verify(self.speculation.rows(seqs))  # [len(tokens), V] per row
-        chosen = {
-            i: choose_run(logits, seq.output)
-            for i, (seq, logits) in enumerate(zip(seqs, outputs, strict=True))
-            if seq.draft
-        }
-        plain = [i for i, seq in enumerate(seqs) if not seq.draft]
-        if plain:  # one token each, chosen as a plain decode step would
-            picked = choose(torch.cat([outputs[i] for i in plain]), [seqs[i].output for i in plain])
-            chosen |= {i: picked[row : row + 1] for row, i in enumerate(plain)}
-        alternatives = max(seq.output.alternatives for seq in seqs)
-        targets = torch.cat([chosen[i] for i in range(len(seqs))])
-        scored = self._score(torch.cat(outputs), targets, alternatives)
-        start = 0
-        for seq, logits in zip(seqs, outputs, strict=True):
-            items, start = scored[start : start + len(logits)], start + len(logits)
+        for seq in seqs:
             self.scheduler.computed(seq, 1)
-            if seq.draft:  # the accepted run, and one more
-                items = items[: self.speculation.judge(seq, [item.token_id for item in items])]
-            self._take(seq, items)
+        self._advance(seqs, torch.cat(outputs), [len(x) for x in outputs])
 
     # -- post-process ---------------------------------------------------------------------------
 
-    def _advance(self, seqs: list[Running], logits: torch.Tensor) -> None:
-        """Choose, score and record the next token of each of `seqs` from its logits [n, V]."""
-        outputs = [seq.output for seq in seqs]
-        chosen = choose(logits, outputs)  # [n] on the device
-        scored = self._score(logits, chosen, max(out.alternatives for out in outputs))
-        for seq, item in zip(seqs, scored, strict=True):
-            self._take(seq, [item])
+    def _advance(self, seqs: list[Running], logits: torch.Tensor, counts: list[int]) -> None:
+        """Choose, score and record each sequence's new tokens from its `counts[i]` rows of
+        `logits` [sum(counts), V]: one row, or a draft's positions and the one after them.
+
+        Every position is chosen and scored before any draft is judged, so that a step waits
+        for the device once, not once per drafted row."""
+        starts = list(accumulate(counts, initial=0))
+        runs = [logits[starts[i] : starts[i + 1]] for i in range(len(seqs))]
+        if all(count == 1 for count in counts):  # one token each, chosen together
+            targets = choose(logits, [seq.output for seq in seqs])
+        else:  # a draft's run as `choose_run` picks it, the others as a plain step would
+            plain = [i for i, count in enumerate(counts) if count == 1]
+            picked = {}
+            if plain:
+                rows = torch.cat([runs[i] for i in plain])
+                chosen = choose(rows, [seqs[i].output for i in plain])
+                picked = dict(zip(plain, chosen.split(1), strict=True))
+            targets = torch.cat(
+                [picked[i] if i in picked else choose_run(run, seqs[i].output)
+                 for i, run in enumerate(runs)]
+            )  # fmt: skip
+        scored = self._score(logits, targets, max(seq.output.alternatives for seq in seqs))
+        for i, seq in enumerate(seqs):
+            items = scored[starts[i] : starts[i + 1]]
+            if counts[i] > 1:  # a draft: the accepted run, and one more
+                items = items[: self.speculation.judge(seq, [item.token_id for item in items])]
+            self._take(seq, items)
 
     def _take(self, seq: Running, items: list[Scored]) -> None:
         """Record `seq`'s new tokens in order, until one ends the request. All but the last
