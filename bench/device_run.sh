@@ -12,6 +12,8 @@
 #                                     # timed alone; onegpu's batch-1 profile; helm_mix after, before
 #   bash bench/device_run.sh merged   # CUDA tests; decode.py at batch 1: this tree (profiled), the
 #                                     # tree in .prev/src, Marlin with fp16 reduction
+#   bash bench/device_run.sh closing  # CUDA tests (no Marlin); decode.py at batch 1 (profiled);
+#                                     # helm_mix after, before; decode.py of .prev/src
 #   bash bench/device_run.sh sampled  # CUDA tests of speculation; helm_mix: defaults,
 #                                     # --speculate-sampled, before
 #   bash bench/device_run.sh spectests # CUDA tests of speculation, batching and sampling (no Marlin)
@@ -226,6 +228,27 @@ for phase in "$@"; do
         step decode-fp16-reduce 60 env GPTQMODEL_MARLIN_USE_FP32=0 python3 bench/decode.py \
             --prompt-lengths 128 --variants fused --batches 1 --no-transformers \
             --variant-timeout 50 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT/fp16reduce"
+        ;;
+    closing)  # about 560 s on a fresh machine: the CUDA tests of attention, speculation, batching,
+        # sampling and generation; batch 1 profiled; helm_mix after, before; batch 1 of .prev/src
+        (python3 -c "$CHECKPOINT" >/tmp/checkpoint.log 2>&1; echo "checkpoint rc=$?" >>/tmp/checkpoint.log) &
+        CKPT_PID=$!
+        step cuda-tests 150 python3 -m pytest tests/engine/test_attention.py \
+            tests/engine/test_speculate.py tests/engine/test_batching.py \
+            tests/engine/test_sampling.py tests/engine/test_generate.py -m cuda -q -p no:cacheprovider
+        wait "$CKPT_PID"
+        echo "=== $(tail -1 /tmp/checkpoint.log) (at $((SECONDS - t0))s)" | tee -a "$LOG"
+        wait_marlin
+        step decode 90 python3 bench/decode.py --prompt-lengths 128 --variants fused --batches 1 \
+            --profile --no-transformers --variant-timeout 80 --checkpoint "$CKPT/gptq8-qwen14b" \
+            --out "$OUT"
+        step mix-after 70 python3 bench/helm_mix.py --label after --orders helm --baseline-samples 0 \
+            --checkpoint "$CKPT" --out "$OUT"
+        step mix-before 70 env PYTHONPATH=".old/src:$PYTHONPATH" python3 bench/helm_mix.py \
+            --label before --orders helm --baseline-samples 0 --checkpoint "$CKPT" --out "$OUT"
+        step decode-prev 55 env PYTHONPATH=".prev/src:$PYTHONPATH" python3 bench/decode.py \
+            --prompt-lengths 128 --variants fused --batches 1 --no-transformers \
+            --variant-timeout 50 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT/prev"
         ;;
     sampled)  # about 400 s on a fresh machine
         (python3 -c "$CHECKPOINT" >/tmp/checkpoint.log 2>&1; echo "checkpoint rc=$?" >>/tmp/checkpoint.log) &
