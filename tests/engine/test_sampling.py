@@ -1,15 +1,18 @@
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from onegpu.engine.sampling import pick, position_seed, request_seed, suppress, warp
+from onegpu.engine.scoring import choose
+from onegpu.engine.types import GenerationRequest
 from tests.conftest import DEVICES
 
 
 def choose_token(logits, *, seed=0, index=0, **kwargs) -> int:
     """One token drawn from one row of logits [V], as the request's `index`-th new token."""
-    return int(pick(logits[None], seed=seed, index=index, **kwargs)[0])
+    return int(pick(logits[None], draws=[(seed, index)], **kwargs)[0])
 
 
 def draws(logits, seed, n, **kwargs) -> list[int]:
@@ -105,9 +108,9 @@ def test_a_token_drawn_among_others_is_the_one_drawn_alone(device, first, count)
     positions picked in one call give what one call per position gives (speculation's verify)."""
     logits = torch.randn(count, 50, generator=torch.Generator().manual_seed(first)).to(device)
     warped = {"temperature": 0.7, "top_k": 20, "top_p": 0.95}
-    together = pick(logits, seed=99, index=first, **warped).tolist()
+    together = pick(logits, draws=[(99, first + i) for i in range(count)], **warped).tolist()
     alone = [
-        int(pick(logits[i : i + 1], seed=99, index=first + i, **warped)[0]) for i in range(count)
+        int(pick(logits[i : i + 1], draws=[(99, first + i)], **warped)[0]) for i in range(count)
     ]
     assert together == alone
 
@@ -135,3 +138,34 @@ def test_warp_of_rows_is_warp_of_each_row(top_k, top_p):
     together = warp(rows, temperature=0.5, top_k=top_k, top_p=top_p)
     for row, got in zip(rows, together, strict=True):
         assert torch.equal(got, warp(row, temperature=0.5, top_k=top_k, top_p=top_p))
+
+
+def row(temperature, *, seed=0, scored=0, min_new_tokens=1, top_k=0, top_p=1.0, device="cpu"):
+    """What `scoring.choose` reads of a request's output: its request, tokens so far, seed."""
+    request = GenerationRequest(
+        "", temperature=temperature, top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens
+    )
+    generator = None if request.greedy else torch.Generator(device=device)
+    return SimpleNamespace(
+        request=request, scored=[None] * scored, seed=seed, generator=generator, eos_ids=(0,)
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_chosen_in_one_batch_are_those_chosen_alone(device):
+    """Sampled rows that share a warp are drawn together; each keeps its own (seed, index), and
+    greedy and suppressed rows beside them are unchanged."""
+    rows = [
+        row(0.0, device=device),
+        row(0.7, seed=1, scored=3, top_k=20, device=device),
+        row(0.7, seed=2, scored=0, top_k=20, device=device),
+        row(1.3, seed=1, scored=3, top_p=0.9, device=device),
+        row(0.0, min_new_tokens=2, device=device),  # end-of-text (id 0) suppressed
+        row(0.7, seed=3, scored=9, top_k=20, device=device),
+    ]
+    logits = torch.randn(len(rows), 64, generator=torch.Generator().manual_seed(0)).to(device)
+    logits[4, 0] = 50.0
+    together = choose(logits, rows).tolist()
+    alone = [int(choose(logits[i : i + 1], [r])[0]) for i, r in enumerate(rows)]
+    assert together == alone
+    assert together[4] != 0 and together[0] == int(logits[0].argmax())

@@ -14,7 +14,7 @@ Logprobs are never computed from what these functions return: they only pick the
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -41,12 +41,12 @@ def position_seed(seed: int, index: int) -> int:
 
 
 def gumbel(
-    seed: int, first: int, count: int, vocab: int, generator: torch.Generator
+    draws: Sequence[tuple[int, int]], vocab: int, generator: torch.Generator
 ) -> torch.Tensor:
-    """Gumbel noise [count, vocab] for new tokens first.. of a request drawn with `seed`, on the
-    generator's device; each row depends on (seed, its index) alone."""
+    """Gumbel noise [len(draws), vocab] on the generator's device: row i for new token `index`
+    of a request drawn with `seed`, (seed, index) = draws[i], and depending on that pair alone."""
     rows = []
-    for index in range(first, first + count):
+    for seed, index in draws:
         generator.manual_seed(position_seed(seed, index))
         rows.append(torch.rand(vocab, generator=generator, device=generator.device))
     return -torch.log(-torch.log(torch.stack(rows)))  # u = 0 gives -inf: never drawn
@@ -90,12 +90,12 @@ def pick(
     temperature: float,
     top_k: int,
     top_p: float,
-    seed: int,
-    index: int,
+    draws: Sequence[tuple[int, int]],
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Token ids [P] on the logits' device for `logits` [P, V]: new tokens index.. of a request
-    drawn with `seed` (`generator`, on that device, is reseeded for each; a new one if None).
+    """Token ids [P] on the logits' device for `logits` [P, V], row i drawn as new token `index`
+    of a request with `seed`, (seed, index) = draws[i] (`generator`, on that device, is reseeded
+    for each; a new one if None). Rows of one request or of several that share the warp.
 
     Temperatures at or below GREEDY_TEMPERATURE (HELM sends 1e-7 for 0) take the argmax: dividing
     by 1e-7 would overflow to inf and sampling would then be arbitrary. Nothing waits for the
@@ -105,5 +105,4 @@ def pick(
         return torch.argmax(logits, dim=-1)
     scores = warp(logits, temperature=temperature, top_k=top_k, top_p=top_p)  # [P, V]
     generator = generator or torch.Generator(device=logits.device)
-    noise = gumbel(seed, index, scores.shape[0], scores.shape[-1], generator)
-    return torch.argmax(scores + noise, dim=-1)
+    return torch.argmax(scores + gumbel(draws, scores.shape[-1], generator), dim=-1)

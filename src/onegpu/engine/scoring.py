@@ -22,7 +22,8 @@ SCORE_CHUNK = 256
 
 
 def choose(logits: torch.Tensor, outputs: Sequence[Output]) -> torch.Tensor:
-    """Each request's next token from its row of `logits` [n, V]: ids [n] on the device."""
+    """Each request's next token from its row of `logits` [n, V]: ids [n] on the device. The
+    sampled rows that share a warp (temperature, top-k, top-p) are drawn together."""
     choice = logits
     early = [i for i, out in enumerate(outputs) if len(out.scored) < out.request.min_new_tokens]
     if early:
@@ -30,10 +31,25 @@ def choose(logits: torch.Tensor, outputs: Sequence[Output]) -> torch.Tensor:
         for i in early:
             choice[i] = suppress(logits[i], outputs[i].eos_ids)
     chosen = torch.argmax(choice, dim=-1)
+    warps: dict[tuple[float, int, float], list[int]] = {}
     for i, out in enumerate(outputs):
-        if not out.request.greedy:
-            chosen[i] = choose_run(choice[i : i + 1], out)[0]
-    return chosen
+        request = out.request
+        if not request.greedy:
+            warps.setdefault((request.temperature, request.top_k, request.top_p), []).append(i)
+    if not warps:
+        return chosen
+    drawn = {}
+    for (temperature, top_k, top_p), rows in warps.items():
+        got = pick(
+            torch.cat([choice[i : i + 1] for i in rows]),
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            draws=[(outputs[i].seed, len(outputs[i].scored)) for i in rows],
+            generator=outputs[rows[0]].generator,
+        )
+        drawn |= dict(zip(rows, got.split(1), strict=True))
+    return torch.cat([drawn[i] if i in drawn else chosen[i : i + 1] for i in range(len(outputs))])
 
 
 def choose_run(logits: torch.Tensor, out: Output) -> torch.Tensor:
@@ -43,13 +59,13 @@ def choose_run(logits: torch.Tensor, out: Output) -> torch.Tensor:
     request = out.request
     if request.greedy:
         return torch.argmax(logits, dim=-1)
+    first = len(out.scored)
     return pick(
         logits,
         temperature=request.temperature,
         top_k=request.top_k,
         top_p=request.top_p,
-        seed=out.seed,
-        index=len(out.scored),
+        draws=[(out.seed, first + i) for i in range(len(logits))],
         generator=out.generator,
     )
 
