@@ -14,6 +14,7 @@
 #                                     # tree in .prev/src, Marlin with fp16 reduction
 #   bash bench/device_run.sh closing  # CUDA tests (no Marlin); decode.py at batch 1 (profiled);
 #                                     # helm_mix after, before; decode.py of .prev/src
+#   bash bench/device_run.sh last     # CUDA tests (no Marlin); decode.py at batch 1 (profiled)
 #   bash bench/device_run.sh sampled  # CUDA tests of speculation; helm_mix: defaults,
 #                                     # --speculate-sampled, before
 #   bash bench/device_run.sh spectests # CUDA tests of speculation, batching and sampling (no Marlin)
@@ -249,6 +250,18 @@ for phase in "$@"; do
         step decode-prev 55 env PYTHONPATH=".prev/src:$PYTHONPATH" python3 bench/decode.py \
             --prompt-lengths 128 --variants fused --batches 1 --no-transformers \
             --variant-timeout 50 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT/prev"
+        ;;
+    last)  # about 300 s on a fresh machine: the CUDA tests of attention, speculation, batching,
+        # sampling and generation while Marlin builds, then batch 1 profiled
+        (python3 -c "$CHECKPOINT" >/tmp/checkpoint.log 2>&1; echo "checkpoint rc=$?" >>/tmp/checkpoint.log) &
+        step cuda-tests 150 python3 -m pytest tests/engine/test_attention.py \
+            tests/engine/test_speculate.py tests/engine/test_batching.py \
+            tests/engine/test_sampling.py tests/engine/test_generate.py -m cuda -q -p no:cacheprovider
+        wait
+        wait_marlin
+        step decode 90 python3 bench/decode.py --prompt-lengths 128 --variants fused --batches 1 \
+            --profile --no-transformers --variant-timeout 80 --checkpoint "$CKPT/gptq8-qwen14b" \
+            --out "$OUT"
         ;;
     sampled)  # about 400 s on a fresh machine
         (python3 -c "$CHECKPOINT" >/tmp/checkpoint.log 2>&1; echo "checkpoint rc=$?" >>/tmp/checkpoint.log) &
