@@ -280,7 +280,7 @@ for phase in "$@"; do
             --label before --orders helm --baseline-samples 0 --checkpoint "$CKPT" --out "$OUT"
         ;;
     spectests)
-        step cuda-tests 200 python3 -m pytest tests/engine/test_speculate.py \
+        step cuda-tests 200 python3 -m pytest tests/engine/test_attention.py tests/engine/test_speculate.py \
             tests/engine/test_batching.py tests/engine/test_sampling.py tests/engine/test_generate.py \
             -m cuda -q -p no:cacheprovider
         ;;
