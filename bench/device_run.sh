@@ -10,8 +10,6 @@
 #                                     # helm_mix: the defaults, before (.old/src)
 #   bash bench/device_run.sh together # the peer compiling beside the CUDA tests and the builds,
 #                                     # timed alone; onegpu's batch-1 profile; helm_mix after, before
-#   bash bench/device_run.sh merged   # CUDA tests; decode.py at batch 1: this tree (profiled), the
-#                                     # tree in .prev/src, Marlin with fp16 reduction
 #   bash bench/device_run.sh closing  # CUDA tests (no Marlin); decode.py at batch 1 (profiled);
 #                                     # helm_mix after, before; decode.py of .prev/src
 #   bash bench/device_run.sh last     # CUDA tests (no Marlin); decode.py at batch 1 (profiled)
@@ -207,31 +205,9 @@ for phase in "$@"; do
         step mix-before 80 env PYTHONPATH=".old/src:$PYTHONPATH" python3 bench/helm_mix.py \
             --label before --orders helm --baseline-samples 0 --checkpoint "$CKPT" --out "$OUT"
         ;;
-    merged)  # about 480 s on a fresh machine: CUDA tests; batch 1 with the decode merge in the
-        # split kernel, the tree before it (.prev/src), and Marlin's fp16 reduction
-        (python3 -c "$CHECKPOINT" >/tmp/checkpoint.log 2>&1; echo "checkpoint rc=$?" >>/tmp/checkpoint.log) &
-        CKPT_PID=$!
-        step cuda-tests 200 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider \
-            -k "not gptq and not dense"
-        wait "$CKPT_PID"
-        echo "=== $(tail -1 /tmp/checkpoint.log) (at $((SECONDS - t0))s)" | tee -a "$LOG"
-        wait_marlin
-        step cuda-tests-marlin 90 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider \
-            -k "gptq or dense"
-        step decode 100 python3 bench/decode.py --prompt-lengths 128 --variants fused --batches 1 \
-            --profile --no-transformers --variant-timeout 90 --checkpoint "$CKPT/gptq8-qwen14b" \
-            --out "$OUT"
-        step prev-check 20 env PYTHONPATH=".prev/src:$PYTHONPATH" python3 -c \
-            "import onegpu.engine.kernels as k; print(k.__file__, hasattr(k, '_decode_merge'))"
-        step decode-prev 60 env PYTHONPATH=".prev/src:$PYTHONPATH" python3 bench/decode.py \
-            --prompt-lengths 128 --variants fused --batches 1 --no-transformers \
-            --variant-timeout 50 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT/prev"
-        step decode-fp16-reduce 60 env GPTQMODEL_MARLIN_USE_FP32=0 python3 bench/decode.py \
-            --prompt-lengths 128 --variants fused --batches 1 --no-transformers \
-            --variant-timeout 50 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT/fp16reduce"
-        ;;
     closing)  # about 560 s on a fresh machine: the CUDA tests of attention, speculation, batching,
-        # sampling and generation; batch 1 profiled; helm_mix after, before; batch 1 of .prev/src
+        # sampling and generation; batch 1 profiled; helm_mix after, before; batch 1 of another
+        # tree in .prev/src (git archive REV src | tar -x -C .prev)
         (python3 -c "$CHECKPOINT" >/tmp/checkpoint.log 2>&1; echo "checkpoint rc=$?" >>/tmp/checkpoint.log) &
         CKPT_PID=$!
         step cuda-tests 150 python3 -m pytest tests/engine/test_attention.py \
