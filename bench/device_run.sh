@@ -12,7 +12,6 @@
 #                                     # timed alone; onegpu's batch-1 profile; helm_mix after, before
 #   bash bench/device_run.sh closing  # CUDA tests (no Marlin); decode.py at batch 1 (profiled);
 #                                     # helm_mix after, before; decode.py of .prev/src
-#   bash bench/device_run.sh last     # CUDA tests (no Marlin); decode.py at batch 1 (profiled)
 #   bash bench/device_run.sh sampled  # CUDA tests of speculation; helm_mix: defaults,
 #                                     # --speculate-sampled, before
 #   bash bench/device_run.sh spectests # CUDA tests of speculation, batching and sampling (no Marlin)
@@ -90,6 +89,19 @@ from train_14b import QWEN_14B, WORDS, make_tokenizer, qwen2_config
 t = make_tokenizer(WORDS); shape = dict(QWEN_14B); shape['vocab_size'] = max(shape['vocab_size'], len(t))
 folder = Path('$CKPT/shape-qwen14b'); folder.mkdir(parents=True, exist_ok=True)
 (folder / 'config.json').write_text(json.dumps(qwen2_config(shape, t, 'float16'))); t.save_pretrained(folder)"
+
+batch1() {  # batch1 LIMIT: decode.py at one request, profiled
+    step decode "$1" python3 bench/decode.py --prompt-lengths 128 --variants fused --batches 1 \
+        --profile --no-transformers --variant-timeout $(($1 - 10)) --checkpoint "$CKPT/gptq8-qwen14b" \
+        --out "$OUT"
+}
+
+helm_after_before() {  # helm_after_before LIMIT: the HELM-ordered mix, this tree then .old/src
+    step mix-after "$1" python3 bench/helm_mix.py --label after --orders helm --baseline-samples 0 \
+        --checkpoint "$CKPT" --out "$OUT"
+    step mix-before "$1" env PYTHONPATH=".old/src:$PYTHONPATH" python3 bench/helm_mix.py \
+        --label before --orders helm --baseline-samples 0 --checkpoint "$CKPT" --out "$OUT"
+}
 
 ready() {  # the 14B checkpoint (kept on a warm machine) and the Marlin build, before timing
     step checkpoint 120 python3 -c "$CHECKPOINT"
@@ -197,13 +209,8 @@ for phase in "$@"; do
         wait_marlin
         step cuda-tests-marlin 90 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider \
             -k "gptq or dense"
-        step decode 100 python3 bench/decode.py --prompt-lengths 128 --variants fused --batches 1 \
-            --profile --no-transformers --variant-timeout 90 --checkpoint "$CKPT/gptq8-qwen14b" \
-            --out "$OUT"
-        step mix-after 80 python3 bench/helm_mix.py --label after --orders helm --baseline-samples 0 \
-            --checkpoint "$CKPT" --out "$OUT"
-        step mix-before 80 env PYTHONPATH=".old/src:$PYTHONPATH" python3 bench/helm_mix.py \
-            --label before --orders helm --baseline-samples 0 --checkpoint "$CKPT" --out "$OUT"
+        batch1 100
+        helm_after_before 80
         ;;
     closing)  # about 560 s on a fresh machine: the CUDA tests of attention, speculation, batching,
         # sampling and generation; batch 1 profiled; helm_mix after, before; batch 1 of another
@@ -216,28 +223,11 @@ for phase in "$@"; do
         wait "$CKPT_PID"
         echo "=== $(tail -1 /tmp/checkpoint.log) (at $((SECONDS - t0))s)" | tee -a "$LOG"
         wait_marlin
-        step decode 90 python3 bench/decode.py --prompt-lengths 128 --variants fused --batches 1 \
-            --profile --no-transformers --variant-timeout 80 --checkpoint "$CKPT/gptq8-qwen14b" \
-            --out "$OUT"
-        step mix-after 70 python3 bench/helm_mix.py --label after --orders helm --baseline-samples 0 \
-            --checkpoint "$CKPT" --out "$OUT"
-        step mix-before 70 env PYTHONPATH=".old/src:$PYTHONPATH" python3 bench/helm_mix.py \
-            --label before --orders helm --baseline-samples 0 --checkpoint "$CKPT" --out "$OUT"
+        batch1 90
+        helm_after_before 70
         step decode-prev 55 env PYTHONPATH=".prev/src:$PYTHONPATH" python3 bench/decode.py \
             --prompt-lengths 128 --variants fused --batches 1 --no-transformers \
             --variant-timeout 50 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT/prev"
-        ;;
-    last)  # about 300 s on a fresh machine: the CUDA tests of attention, speculation, batching,
-        # sampling and generation while Marlin builds, then batch 1 profiled
-        (python3 -c "$CHECKPOINT" >/tmp/checkpoint.log 2>&1; echo "checkpoint rc=$?" >>/tmp/checkpoint.log) &
-        step cuda-tests 150 python3 -m pytest tests/engine/test_attention.py \
-            tests/engine/test_speculate.py tests/engine/test_batching.py \
-            tests/engine/test_sampling.py tests/engine/test_generate.py -m cuda -q -p no:cacheprovider
-        wait
-        wait_marlin
-        step decode 90 python3 bench/decode.py --prompt-lengths 128 --variants fused --batches 1 \
-            --profile --no-transformers --variant-timeout 80 --checkpoint "$CKPT/gptq8-qwen14b" \
-            --out "$OUT"
         ;;
     sampled)  # about 400 s on a fresh machine
         (python3 -c "$CHECKPOINT" >/tmp/checkpoint.log 2>&1; echo "checkpoint rc=$?" >>/tmp/checkpoint.log) &
