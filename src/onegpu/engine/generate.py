@@ -275,10 +275,10 @@ class Engine:
         Every position is chosen and scored before any draft is judged, so that a step waits
         for the device once, not once per drafted row."""
         starts = list(accumulate(counts, initial=0))
-        runs = [logits[starts[i] : starts[i + 1]] for i in range(len(seqs))]
         if all(count == 1 for count in counts):  # one token each, chosen together
             targets = choose(logits, [seq.output for seq in seqs])
         else:  # a draft's run as `choose_run` picks it, the others as a plain step would
+            runs = [logits[starts[i] : starts[i + 1]] for i in range(len(seqs))]
             plain = [i for i, count in enumerate(counts) if count == 1]
             picked = {}
             if plain:
