@@ -41,6 +41,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from load import HELM_DEFAULTS  # noqa: E402
+from step_trace import StepTrace  # noqa: E402
+from step_trace import report as steps_report  # noqa: E402
 from train_14b import QWEN_14B, TINY, WORDS, build_checkpoint, make_tokenizer, tokenizer_of  # noqa: E402
 
 SHAPES = {"qwen14b": QWEN_14B, "tiny": TINY}
@@ -228,15 +230,18 @@ def run_onegpu(engine, requests: list[dict], clients: int, *, by_scenario: bool)
 
         client.post("/process", json={"prompt": "warm up", "max_new_tokens": 2})
         reused_before = engine.scheduler.reused_tokens
-        with Peaks(engine) as peaks:
+        per_group_steps: dict[str, dict] = {}  # where each group's seconds went (step_trace)
+        with Peaks(engine) as peaks, StepTrace(engine) as trace:
             start = time.perf_counter()
             for group in groups:
                 name = group[0]["scenario"] if by_scenario else "all"
                 began, counted = time.perf_counter(), counters(engine)
                 with ThreadPoolExecutor(clients) as pool:
                     list(pool.map(post, group))
-                per_group[name] = time.perf_counter() - began
+                ended = time.perf_counter()
+                per_group[name] = ended - began
                 per_group_engine[name] = {k: v - counted[k] for k, v in counters(engine).items()}
+                per_group_steps[name] = trace.summary(began, ended)
             seconds = time.perf_counter() - start
     result = summarize(latencies, tokens, seconds, len(failures))
     reused = engine.scheduler.reused_tokens - reused_before
@@ -252,6 +257,7 @@ def run_onegpu(engine, requests: list[dict], clients: int, *, by_scenario: bool)
         "kv_cache_gib": engine.cache.nbytes() / 2**30,
         "scenario_seconds": per_group,
         "scenario_engine": per_group_engine,
+        "scenario_steps": per_group_steps,
     }
     if hasattr(engine, "stats"):
         result["engine"] = engine.stats()
@@ -431,6 +437,9 @@ def report(result: dict, args) -> None:
                         for k, v in drafted.items()
                     )
                 )
+            print("where each scenario's seconds went (engine steps, by what they ran):")
+            for name, steps in ours["scenario_steps"].items():
+                print(steps_report(name, steps))
 
 
 if __name__ == "__main__":
