@@ -6,8 +6,12 @@ import importlib.util
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# --deterministic on the CPU needs MKL's strict reproducibility, which MKL reads at its first
+# call: set here as `onegpu serve --deterministic` sets it (engine.invariant.MKL_STRICT).
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Without a GPU, Triton kernels run in its interpreter (on CPU tensors); this must be set before
 # any kernel module is imported.

@@ -41,6 +41,10 @@ def serve(settings: ServeSettings) -> None:
     from onegpu.engine.loading import load_engine
     from onegpu.server.app import create_app
 
+    if settings.deterministic:  # before anything multiplies: MKL reads it once
+        from onegpu.engine.invariant import MKL_STRICT
+
+        os.environ.setdefault(*MKL_STRICT)
     # Loaded here rather than in the app's lifespan so that a model that cannot load is a one-line
     # error; either way the port opens only once the model is ready.
     engine = load_engine(settings.engine_config())

@@ -1,8 +1,10 @@
 """Batch invariance (`--deterministic`): a row's numbers never depend on the rows beside it.
 
 The CPU path rests on one property of the BLAS torch uses: with rows padded to a multiple of
-ROW_TILE, each row of a product is computed the same way whatever the row count. The first test
-holds that property on this machine (it fails on a BLAS without it); the rest check that the
+ROW_TILE, each row of a product is computed the same way whatever the row count (with MKL's
+strict reproducibility, which conftest sets as `onegpu serve --deterministic` does). The first
+tests hold that property on this machine and check that the engine refuses a BLAS without it;
+the rest check that the
 engine built on it answers bit for bit the same alone, in a batch, after a preemption, from a
 cached prefix and across chunk boundaries.
 """
@@ -14,8 +16,16 @@ from concurrent.futures import Future
 import pytest
 import torch
 
+from onegpu.engine import invariant
 from onegpu.engine.attention import Pass, invariant_reference, prefill_reference
-from onegpu.engine.invariant import ROW_TILE, PaddedRows, make_invariant
+from onegpu.engine.invariant import (
+    ROW_TILE,
+    DeterminismError,
+    PaddedRows,
+    is_projection,
+    make_invariant,
+    rows_computed_alike,
+)
 from onegpu.engine.kvcache import PagedKVCache
 from onegpu.engine.types import GenerationRequest
 from tests.conftest import DEVICES, make_engine, tiny_qwen2
@@ -35,10 +45,26 @@ def test_the_blas_computes_padded_rows_alike_whatever_their_count(k, n):
     for rows in ROWS:
         out = torch.nn.functional.linear(padded(x[:rows]), weight, bias)
         assert torch.equal(out[0], first), f"row 0 changed with {rows} rows"
-    # ... and unpadded, the same BLAS does not (this is what --deterministic is for).
-    assert not all(
-        torch.equal(torch.nn.functional.linear(x[:rows], weight, bias)[0], first) for rows in ROWS
-    )
+    assert rows_computed_alike(k, n)
+
+
+def test_the_probe_finds_a_blas_that_computes_rows_by_their_count():
+    def by_count(x, weight):  # a last bit that depends on how many rows share the product
+        return torch.nn.functional.linear(x, weight) + 1e-6 * (x.shape[0] > ROW_TILE)
+
+    assert rows_computed_alike(64, 40, linear=torch.nn.functional.linear)
+    assert not rows_computed_alike(64, 40, linear=by_count)
+    assert rows_computed_alike(64, 40, linear=by_count, rows=(1, 3, 8))  # one tile only
+
+
+def test_a_blas_without_the_property_is_refused_with_the_setting_that_gives_it(monkeypatch):
+    monkeypatch.setattr(invariant, "rows_computed_alike", lambda k, n: (k, n) != (64, 128))
+    model = tiny_qwen2(vocab_size=300)
+    shapes = {(m.in_features, m.out_features) for m in model.modules() if is_projection(m)}
+    assert (64, 128) in shapes
+    with pytest.raises(DeterminismError, match="MKL_CBWR=AUTO,STRICT"):
+        make_invariant(model)
+    assert not any(isinstance(m, PaddedRows) for m in model.modules())  # nothing swapped
 
 
 def test_padded_rows_compute_what_the_layer_computes():

@@ -8,7 +8,11 @@ row the same way whatever the row count:
 
 - on the CPU, the rows are padded with zeros to a multiple of `ROW_TILE`: the BLAS then computes
   each row with the same kernel and the same order (measured on every shape of Qwen2.5-0.5B, for
-  1 to 2,049 rows; `tests/engine/test_invariant.py` holds that property on this machine);
+  1 to 2,049 rows; `tests/engine/test_invariant.py` holds that property on this machine). On
+  some AVX-512 CPUs MKL still picks its kernel by row count (a Xeon with AVX-512 IFMA and VBMI:
+  rows 9-16 of a 896 x 4864 product came out unlike 8, and from 113 rows another kernel again)
+  unless its strict reproducibility is on (`MKL_STRICT`, which `onegpu serve --deterministic`
+  sets); the model's own shapes are probed at load, and a BLAS that fails is a clear error;
 - on CUDA, projections run on Triton kernels with one tile shape per weight, whatever the rows
   (`invariant_kernels.py`).
 
@@ -34,6 +38,13 @@ log = logging.getLogger(__name__)
 
 # Rows a CPU projection is padded to a multiple of.
 ROW_TILE = 8
+# MKL's conditional numerical reproducibility, strict: the same kernel and order for a row
+# whatever the row count. MKL reads it once, at its first call, so it must be in the
+# environment before anything multiplies. On the Xeon above it cost nothing past 8 rows (64 x
+# 896 x 4864: 4.8 -> 3.8 ms; one unpadded row, which this mode never runs, 0.38 -> 0.79 ms).
+MKL_STRICT = ("MKL_CBWR", "AUTO,STRICT")
+# Row counts probed: one tile, the next ones, and past the point where MKL was seen to switch.
+PROBED_ROWS = (1, 9, 17, 113, 257)
 
 
 class DeterminismError(UserError):
@@ -83,6 +94,34 @@ def is_projection(module: torch.nn.Module) -> bool:
     return type(module) is torch.nn.Linear or is_gptq(module)
 
 
+def rows_computed_alike(
+    in_features: int, out_features: int, *, linear=F.linear, rows: tuple[int, ...] = PROBED_ROWS
+) -> bool:
+    """Whether `linear` here gives a row of an [N, in] x [in, out] product padded to ROW_TILE
+    the same bits whatever N (probed on random numbers, for each of `rows`)."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    x = torch.randn(max(rows), in_features, generator=generator)
+    padded = PaddedRows(lambda t: linear(t, weight))
+    first = padded(x[:1])[0]
+    return all(torch.equal(padded(x[:n])[0], first) for n in rows)
+
+
+def _check_blas(model: torch.nn.Module) -> None:
+    """Raise DeterminismError unless this process's BLAS computes padded rows alike on each
+    projection shape of `model`."""
+    shapes = {(m.in_features, m.out_features) for m in model.modules() if is_projection(m)}
+    for in_features, out_features in sorted(shapes):
+        if not rows_computed_alike(in_features, out_features):
+            name, value = MKL_STRICT
+            raise DeterminismError(
+                f"--deterministic on the CPU: this BLAS computes a row of a {in_features} x "
+                f"{out_features} projection differently depending on how many rows share it; "
+                f"start the process with {name}={value} in its environment (onegpu serve "
+                f"--deterministic sets it; MKL reads it at its first call)"
+            )
+
+
 def make_invariant(model: torch.nn.Module) -> int:
     """Swap every projection of `model` for its batch-invariant form, in place; how many.
 
@@ -95,6 +134,7 @@ def make_invariant(model: torch.nn.Module) -> int:
         wrap = invariant_projection
         _row_wise_norms(model)
     else:
+        _check_blas(model)
         wrap = PaddedRows
     swapped = 0
     for parent in list(model.modules()):
