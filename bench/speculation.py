@@ -152,6 +152,9 @@ def main() -> int:
                 deterministic=args.deterministic,
                 speculative_tokens=k,
                 speculate_sampled=True,
+                # Every draft verified: what drafts keep, not what the engine's gate would let
+                # through at this device's step costs.
+                speculate_always=True,
             )
             engine = load_engine(config)
             completions, steps, seconds = run(engine, items, batch, temperature)

@@ -158,6 +158,11 @@ class ServeSettings(JobSettings):
         description="sampled requests draft too (each token is still the one the request "
         "draws without drafts); off until measured a win on a GPU (see the README)",
     )
+    speculate_always: bool = Field(
+        ENGINE.speculate_always,
+        description="verify every draft, even when what a request's drafts kept so far says "
+        "the wider pass will not pay for itself (for measuring what drafts keep)",
+    )
     max_queue: int = Field(256, ge=1, description="requests allowed to wait; more get 503")
     request_timeout_s: float = Field(
         1800, gt=0, description="a request still unanswered after this gets 503 and is dropped"

@@ -10,7 +10,7 @@ import torch
 from onegpu.engine.blocks import block_hashes
 from onegpu.engine.config import SPECULATIVE_TOKENS_CUDA, EngineConfig, speculative_tokens_for
 from onegpu.engine.forward import Chunk, Row, verify_width
-from onegpu.engine.speculate import accepted, propose
+from onegpu.engine.speculate import PRIOR, WEIGHT, accepted, estimate, propose, worth_verifying
 from onegpu.engine.types import GenerationRequest
 from tests.conftest import DEVICES, make_engine
 from tests.engine.test_batching import REQUESTS, assert_same, run_interleaved
@@ -60,6 +60,39 @@ def test_accepted_is_the_run_the_model_agrees_with(draft, chosen, kept):
 )
 def test_a_verifying_pass_stays_within_one_read_of_the_weights(draft, bucket, width):
     assert verify_width(draft, bucket) == width
+
+
+@pytest.mark.parametrize(
+    ("expected", "rows", "cost", "worth"),
+    [
+        ([1.0], 1, 1.08, True),  # one request: a draft that may keep a token pays for 8%
+        ([0.05], 1, 1.08, False),  # one whose drafts keep almost nothing does not
+        ([0.0] * 9 + [4.0], 10, 1.30, True),  # one looping row pays for the 9 others' 30%
+        ([0.0] * 9 + [2.0], 10, 1.30, False),
+        ([0.5] * 4, 4, 1.5, True),  # exactly the break-even: 2 tokens for half of 4 rows
+        ([], 4, 1.22, False),
+        ([1.0], 1, 2.48, False),  # on the CPU a pass of 5 positions costs about 2.5
+        ([], 3, 1.0, True),  # a free pass is always worth it
+    ],
+)
+def test_a_step_verifies_when_its_drafts_pay_for_the_wider_pass(expected, rows, cost, worth):
+    assert worth_verifying(expected, rows, cost) is worth
+
+
+@pytest.mark.parametrize(
+    ("kept", "after"),
+    [
+        ([], PRIOR),
+        ([4], (1 - WEIGHT) * PRIOR + WEIGHT * 4),
+        ([0, 0, 0], (1 - WEIGHT) ** 3 * PRIOR),  # keeps falling while nothing is kept
+        ([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4], (1 - WEIGHT) ** 11 * PRIOR + WEIGHT * 4),
+    ],
+)
+def test_what_drafts_keep_is_a_running_mean_of_the_latest(kept, after):
+    value = PRIOR
+    for count in kept:
+        value = estimate(value, count)
+    assert value == pytest.approx(after)
 
 
 @pytest.mark.parametrize(
@@ -121,9 +154,12 @@ class BigramLM(torch.nn.Module):
 CYCLE = [9707, 11, 1879, 0]  # "Hello", ",", " world", "!"
 
 
-def bigram_engine(tokenizer, k, margin=8.0, **config):
-    following = {a: b for a, b in zip(CYCLE, CYCLE[1:] + CYCLE[:1], strict=True)}
+def bigram_engine(tokenizer, k, margin=8.0, cycle=CYCLE, **config):
+    """An engine on a BigramLM that walks `cycle`; every draft is verified unless the config
+    says otherwise (these tests are about what verifying does)."""
+    following = {a: b for a, b in zip(cycle, cycle[1:] + cycle[:1], strict=True)}
     model = BigramLM(following, vocab_size=len(tokenizer), margin=margin)
+    config = {"speculate_always": True} | config
     return make_engine(model, tokenizer, speculative_tokens=k, default_stop=(), **config), model
 
 
@@ -151,6 +187,43 @@ def test_a_repeating_answer_takes_several_tokens_per_pass(qwen_tokenizer, k):
     # went into the cache), so a later prompt that starts with this answer reuses them.
     names = block_hashes(list(request.prompt_ids) + got.token_ids[:-1], 4)
     assert len(fast.pool.match(names).blocks) == len(names) == 7
+
+
+def test_drafts_held_back_then_verified_once_they_match(qwen_tokenizer):
+    """On the CPU a pass of 5 positions costs about 2.5 plain ones (`forward.verify_cost`), more
+    than a new request's drafts are expected to keep (PRIOR): its first draft is held back and
+    compared with the next 4 tokens, all of which it guessed; from then on every step verifies."""
+    plain, plain_model = bigram_engine(qwen_tokenizer, 0)
+    gated, gated_model = bigram_engine(qwen_tokenizer, 4, speculate_always=False)
+    request = greedy(CYCLE * 2, max_new_tokens=21)
+    assert gated.generate(request).token_ids == plain.generate(request).token_ids
+    stats = gated.stats()
+    assert stats["speculation_held"] == 4  # the steps that confirmed the first draft
+    # 1 prefill pass, 4 plain steps that confirm the held draft, 15 tokens 5 at a time, and
+    # the last one alone (a draft never reaches past max_new_tokens).
+    assert gated_model.passes == 1 + 4 + 3 + 1
+    assert stats["speculation_steps"] == 3
+    assert stats["speculation_accepted"] == stats["speculation_drafted"]
+
+
+def test_drafts_that_keep_nothing_stop_slowing_the_batch(qwen_tokenizer):
+    """The prompt walks CYCLE, the model another order of the same tokens: drafts copied from
+    the prompt are wrong until the answer has repeated itself. Verified anyway (`always`), the
+    wrong drafts cost a wide pass each; gated, they are held back and the answer comes out of
+    plain steps until its own repeats are guessed right."""
+    other = [9707, 1879, 11, 0]  # "Hello", " world", ",", "!"
+    request = greedy(CYCLE * 3, max_new_tokens=24)
+    want = bigram_engine(qwen_tokenizer, 0, cycle=other)[0].generate(request)
+    always, _ = bigram_engine(qwen_tokenizer, 4, cycle=other)
+    gated, _ = bigram_engine(qwen_tokenizer, 4, cycle=other, speculate_always=False)
+    for engine in (always, gated):
+        assert engine.generate(request).token_ids == want.token_ids
+    verified, held = always.stats(), gated.stats()
+    assert verified["speculation_held"] == 0
+    wasted = verified["speculation_drafted"] - verified["speculation_accepted"]
+    assert wasted > 0 and held["speculation_held"] > 0
+    assert held["speculation_drafted"] - held["speculation_accepted"] < wasted
+    assert held["speculation_accepted"] > 0  # it drafts again once the answer repeats
 
 
 @pytest.mark.parametrize(
@@ -237,7 +310,12 @@ def test_answers_are_those_of_plain_decoding(
     plain = make_engine(tiny_qwen_model, qwen_tokenizer, **config)
     want = run_interleaved(plain, REQUESTS, join_every=1)
     fast = make_engine(
-        tiny_qwen_model, qwen_tokenizer, speculative_tokens=3, speculate_sampled=True, **config
+        tiny_qwen_model,
+        qwen_tokenizer,
+        speculative_tokens=3,
+        speculate_sampled=True,
+        speculate_always=True,
+        **config,
     )
     got = run_interleaved(fast, REQUESTS, join_every=1)
     for a, b in zip(want, got, strict=True):

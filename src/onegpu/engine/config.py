@@ -49,6 +49,9 @@ class EngineConfig:
     # them (H200, random weights, which never keep a sampled draft) ran the summaries 4.8 s
     # against 3.1 s without; the win real text projects is not measured on a GPU.
     speculate_sampled: bool = False
+    # Verify every draft, even when the requests' earlier drafts say it will not pay
+    # (`speculate.worth_verifying`): for tests and for measuring what drafts keep.
+    speculate_always: bool = False
 
 
 # On an H100 a decode row of 5 positions cost 1.08x a row of one, and 10 rows of 4 positions

@@ -47,6 +47,14 @@ def batch_buckets(max_batch: int) -> list[int]:
 # step, 16 x 5 cost 1.85x (two reads of every weight).
 VERIFY_ROWS = 64
 
+# What a verifying pass costs against a plain one, by batch bucket, on the GPU (H100, 14B-shaped
+# 8-bit, bench/step_cost.py): 1 row x 5 positions 1.08x, 4 x 5 1.22x, 16 x 4 1.30x; 2 and 8
+# rows are not measured (taken between their neighbours), past 16 rows as 16. On the CPU a pass
+# costs what it computes: k = 4 at one request ran 0.74x with 1.86 tokens per verifying pass
+# (Qwen2.5-0.5B, bench/speculation.py), about 2.5 plain passes per pass of 5 positions.
+VERIFY_COST = {1: 1.08, 2: 1.15, 4: 1.22, 8: 1.26, 16: 1.30}
+CPU_COST_PER_POSITION = 0.37
+
 
 def verify_width(draft: int, bucket: int) -> int:
     """Positions per row of a verifying pass on the GPU: the draft and the row's own token, as
@@ -256,6 +264,13 @@ class Forward:
         if not self.graphs:
             return self.draft + 1
         return verify_width(self.draft, bucket_of(rows, self.buckets))
+
+    def verify_cost(self, rows: int) -> float:
+        """What a verifying pass over `rows` rows costs against a plain one (VERIFY_COST)."""
+        if not self.graphs:
+            return 1.0 + CPU_COST_PER_POSITION * self.draft
+        bucket = bucket_of(rows, self.buckets)
+        return VERIFY_COST[max(b for b in VERIFY_COST if b <= bucket)]
 
     def _run(self, rows: list[Row], width: int) -> torch.Tensor:
         """`rows` in a pass of `width` positions each; the logits [len(rows), width, V]."""

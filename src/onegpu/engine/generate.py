@@ -100,7 +100,11 @@ class Engine:
         )
         self._keys = 0
         self.speculation = Speculation(
-            drafted, self.forward.verify_width, sampled=config.speculate_sampled
+            drafted,
+            self.forward.verify_width,
+            self.forward.verify_cost,
+            sampled=config.speculate_sampled,
+            always=config.speculate_always,
         )
         self.guard = Guard(self.scheduler, self._release)  # runs each pass, contains its failure
         self.prompt_tokens = 0
@@ -294,6 +298,8 @@ class Engine:
             items = scored[starts[i] : starts[i + 1]]
             if counts[i] > 1:  # a draft: the accepted run, and one more
                 items = items[: self.speculation.judge(seq, [item.token_id for item in items])]
+            else:
+                self.speculation.observe(seq, items[0].token_id)
             self._take(seq, items)
 
     def _take(self, seq: Running, items: list[Scored]) -> None:

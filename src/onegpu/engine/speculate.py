@@ -12,11 +12,20 @@ request that token is the argmax; for a sampled one it is the token its noise dr
 probability the model gives it there, as in speculative sampling with a draft certain of its
 guess. Measured on Qwen2.5-Coder-0.5B's greedy GSM8K answers (HELM's 5-shot prompts, the 32 of
 40 that stop by themselves): 1.72 tokens per verifying pass with k = 4.
+
+A verifying pass costs more than a plain one (its extra positions), and every row in it pays,
+drafted or not. So a step verifies only when its drafts are expected to keep more tokens than
+that costs (`worth_verifying`). What a request's drafts keep is estimated as it goes: from each
+verified draft, and, while its drafts are not verified, from comparing a held-back draft with
+the tokens the request then takes, which costs the device nothing. A request whose guesses
+stop matching (a sampled summary on random weights keeps none) soon stops slowing its batch,
+and drafts again when its text starts repeating.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field
 
 from onegpu.engine.forward import Row
 from onegpu.engine.sequence import Sequence as Running
@@ -43,6 +52,35 @@ def propose(ids: Sequence[int], k: int) -> list[int]:
     return []
 
 
+def worth_verifying(expected: Iterable[float], rows: int, cost: float) -> bool:
+    """Whether a verifying pass over `rows` rows that costs `cost` plain passes yields more
+    tokens per unit of time than a plain pass: `rows` tokens plus the drafts' `expected` kept
+    tokens against `rows` tokens for one pass, i.e. sum(expected) >= (cost - 1) x rows."""
+    return sum(expected) >= (cost - 1.0) * rows
+
+
+def estimate(previous: float, kept: int) -> float:
+    """A request's expected kept tokens per draft after its latest draft kept `kept`: a
+    running mean that weighs the latest observation WEIGHT."""
+    return (1.0 - WEIGHT) * previous + WEIGHT * kept
+
+
+# A new request's drafts are expected to keep PRIOR tokens per pass (real GSM8K answers kept
+# 0.7-1.4 with k = 4); each later draft, verified or held back, moves that by WEIGHT.
+PRIOR = 1.0
+WEIGHT = 0.5
+
+
+@dataclass(slots=True)
+class _Record:
+    """What one request's drafts keep: the running estimate, and a draft held back from a
+    plain step, compared token by token with what the request takes next (`matched` so far)."""
+
+    expected: float = PRIOR
+    held: list[int] = field(default_factory=list)
+    matched: int = 0
+
+
 def accepted(draft: Sequence[int], chosen: Sequence[int]) -> int:
     """How many of `draft` the model agrees with: the run of draft[i] == chosen[i] from 0
     (chosen[i] is the model's token at the position draft[i] was guessed for)."""
@@ -56,24 +94,40 @@ def accepted(draft: Sequence[int], chosen: Sequence[int]) -> int:
 
 class Speculation:
     """Drafts `k` tokens for each greedy request (and each sampled one, with `sampled`) past
-    its first tokens, and judges them against the request's choices over the draft; counts what
-    was drafted and kept."""
+    its first tokens when the step is worth verifying (always, with `always`), and judges them
+    against the request's choices over the draft; counts what was drafted and kept.
+
+    `width(rows)`: positions per row a verifying pass over `rows` rows may have (k + 1 when not
+    given); `cost(rows)`: what such a pass costs against a plain one (1 when not given)."""
 
     def __init__(
-        self, k: int, width: Callable[[int], int] | None = None, *, sampled: bool = False
+        self,
+        k: int,
+        width: Callable[[int], int] | None = None,
+        cost: Callable[[int], float] | None = None,
+        *,
+        sampled: bool = False,
+        always: bool = False,
     ) -> None:
         self.k = k
         self.sampled = sampled
-        # Positions per row a verifying pass over n rows may have (k + 1 when not given).
+        self.always = always
         self.width = width or (lambda rows: k + 1)
-        self.steps = self.passes = self.drafted = self.accepted = 0
+        self.cost = cost or (lambda rows: 1.0)
+        self._records: dict[int, _Record] = {}  # by sequence key, for those running
+        self.steps = self.passes = self.drafted = self.accepted = self.held = 0
 
     def draft(self, running: Collection[Running]) -> None:
-        """Set each eligible sequence's draft (before scheduling: it needs cache room), as long
-        as the pass's size allows (none at all beyond it)."""
+        """Set each eligible sequence's draft (before scheduling: it needs cache room) when the
+        step is worth verifying; else hold the drafts back to compare with what comes."""
+        for seq in running:
+            seq.draft = []
         if not self.k or not running:
+            self._records.clear()
             return
+        self._records = {seq.key: self._records.get(seq.key, _Record()) for seq in running}
         k = min(self.k, self.width(len(running)) - 1)
+        drafts = {}
         for seq in running:
             request, scored = seq.output.request, len(seq.output.scored)
             left = request.max_new_tokens - scored - 1  # the verifying pass adds one more
@@ -83,7 +137,22 @@ class Speculation:
                 and (request.greedy or self.sampled)
                 and scored >= request.min_new_tokens
             )
-            seq.draft = propose(seq.ids, min(k, left)) if eligible else []
+            if eligible and (draft := propose(seq.ids, min(k, left))):
+                drafts[seq] = draft
+        if not drafts:
+            return
+        rows = sum(seq.decoding for seq in running)
+        expected = (min(self._records[seq.key].expected, len(d)) for seq, d in drafts.items())
+        if self.always or worth_verifying(expected, rows, self.cost(rows)):
+            for seq, draft in drafts.items():
+                seq.draft = draft
+                self._records[seq.key].held = []  # this draft's outcome is the one to learn
+            return
+        self.held += 1
+        for seq, draft in drafts.items():
+            record = self._records[seq.key]
+            if not record.held:
+                record.held, record.matched = draft, 0
 
     def rows(self, seqs: Iterable[Running]) -> list[Row]:
         """A verifying pass (counted): each sequence's last token and its draft, if any."""
@@ -98,8 +167,23 @@ class Speculation:
         self.passes += 1
         self.drafted += len(seq.draft)
         self.accepted += keep - 1
+        if (record := self._records.get(seq.key)) is not None:
+            record.expected = estimate(record.expected, keep - 1)
         seq.draft = []
         return keep
+
+    def observe(self, seq: Running, token: int) -> None:
+        """`seq` took `token` in a plain step: compare it with its held-back draft, if any,
+        and learn the draft's outcome once it is known."""
+        record = self._records.get(seq.key)
+        if record is None or not record.held:
+            return
+        if token == record.held[record.matched]:
+            record.matched += 1
+            if record.matched < len(record.held):
+                return
+        record.expected = estimate(record.expected, record.matched)
+        record.held = []
 
     def stats(self) -> dict[str, int]:
         return {
@@ -107,4 +191,5 @@ class Speculation:
             "speculation_passes": self.passes,  # drafts judged (one per sequence and pass)
             "speculation_drafted": self.drafted,
             "speculation_accepted": self.accepted,
+            "speculation_held": self.held,  # steps whose drafts were not worth verifying
         }
