@@ -22,7 +22,13 @@ answers differ from k = 0's in text or in any logprob. Writes speculation.json t
 With `--step-cost step_cost.json` (bench/step_cost.py, on a GPU) each row also gets the speedup
 projected for that GPU: k = 0's steps over this row's plain steps plus its verifying steps, each
 weighted by what a step of k + 1 positions costs there against one (at the measured row count
-nearest above the batch; prefill steps counted as plain steps).
+nearest above the batch; prefill steps counted as plain steps). Without it the projection uses
+the engine's own table of GPU step costs (`forward.VERIFY_COST`).
+
+Every draft is verified (`speculate_always`), which measures what drafts keep. With `--gated`,
+each k > 0 runs a second time with the engine's gate on, as it decides on a GPU: a step
+verifies only when its drafts are expected to pay for the pass at the GPU's step cost
+(`forward.VERIFY_COST`), whatever this CPU's own costs are.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from onegpu.engine.config import EngineConfig
+from onegpu.engine.forward import VERIFY_COST, batch_buckets, bucket_of
 from onegpu.engine.loading import load_engine
 from onegpu.engine.types import Completion, GenerationRequest
 from onegpu.evaluate import assets, tasks
@@ -97,14 +104,25 @@ def differs(a: Completion, b: Completion) -> bool:
     ]
 
 
+def gpu_cost(rows: int) -> float:
+    """What a verifying pass over `rows` rows costs on the GPU against a plain one, as the
+    engine there reckons it (`Forward.verify_cost` with graphs, the default 32-row batch)."""
+    bucket = bucket_of(rows, batch_buckets(EngineConfig().max_batch))
+    return VERIFY_COST[max(b for b in VERIFY_COST if b <= bucket)]
+
+
 def projected(row: dict, baseline_steps: int, costs: list[dict]) -> float | None:
-    """The GPU speedup of `row` over k = 0 from measured step costs (None: none measured)."""
+    """The GPU speedup of `row` over k = 0 from measured step costs (`costs`; the engine's
+    table when there are none, None when they lack this width)."""
     if not row["k"]:
         return 1.0
-    fitting = [c for c in costs if c["rows"] >= row["batch"] and c["width"] == row["k"] + 1]
-    if not fitting:
-        return None
-    ratio = min(fitting, key=lambda c: c["rows"])["of_width_1"]
+    if costs:
+        fitting = [c for c in costs if c["rows"] >= row["batch"] and c["width"] == row["k"] + 1]
+        if not fitting:
+            return None
+        ratio = min(fitting, key=lambda c: c["rows"])["of_width_1"]
+    else:
+        ratio = gpu_cost(row["batch"])
     verifying = row["verifying_steps"]
     return baseline_steps / (row["steps"] - verifying + verifying * ratio)
 
@@ -121,6 +139,9 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--deterministic", action="store_true")
     parser.add_argument("--step-cost", type=Path, help="step_cost.json from a GPU")
+    parser.add_argument(
+        "--gated", action="store_true", help="each k > 0 again with the gate, at GPU step costs"
+    )
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     args = parser.parse_args()
     costs = json.loads(args.step_cost.read_text())["step"] if args.step_cost else []
@@ -145,18 +166,19 @@ def main() -> int:
     results = []
     for batch in (int(b) for b in args.batch.split(",")):
         baseline: tuple[list[Completion], float, int] | None = None
-        for k in ks:
+        runs = [(k, False) for k in ks] + [(k, True) for k in ks if k and args.gated]
+        for k, gated in runs:
             config = EngineConfig(
                 model=str(gguf_file),
                 device=args.device,
                 deterministic=args.deterministic,
                 speculative_tokens=k,
                 speculate_sampled=True,
-                # Every draft verified: what drafts keep, not what the engine's gate would let
-                # through at this device's step costs.
-                speculate_always=True,
+                speculate_always=not gated,
             )
             engine = load_engine(config)
+            if gated:
+                engine.speculation.cost = gpu_cost
             completions, steps, seconds = run(engine, items, batch, temperature)
             stats = engine.stats()
             if baseline is None:
@@ -166,6 +188,8 @@ def main() -> int:
             row = {
                 "batch": batch,
                 "k": k,
+                "gated": gated,
+                "held_steps": stats["speculation_held"],
                 "items": len(items),
                 "new_tokens": new_tokens,
                 "steps": steps,
@@ -191,11 +215,11 @@ def main() -> int:
             print(json.dumps(row), flush=True)
     (args.out / "speculation.json").write_text(json.dumps(results, indent=2))
     print(
-        "| batch | k | new tokens | steps | verifying passes | drafted | kept "
+        "| batch | k | gate | new tokens | steps | verifying passes | drafted | kept "
         "| tokens per verifying pass | seconds | speedup | projected on the GPU "
         "| answers differ (text) | correct |"
     )
-    print("| ---: " * 13 + "|")
+    print("| ---: " * 14 + "|")
     for r in results:
         per_pass = (
             ""
@@ -203,7 +227,8 @@ def main() -> int:
             else f"{r['tokens_per_verifying_pass']:.2f}"
         )
         print(
-            f"| {r['batch']} | {r['k']} | {r['new_tokens']} | {r['steps']} | "
+            f"| {r['batch']} | {r['k']} | {'gated' if r['gated'] else ''} | {r['new_tokens']} | "
+            f"{r['steps']} | "
             f"{r['verifying_passes']} | {r['drafted']} | {r['kept']} | {per_pass} | "
             f"{r['seconds']:.1f} | {r['speedup']:.2f} | {_x(r['projected_gpu_speedup'])} | "
             f"{r['differ']} ({r['differ_text']}) | "
