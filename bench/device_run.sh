@@ -13,8 +13,8 @@
 #   bash bench/device_run.sh closing  # CUDA tests (no Marlin); decode.py at batch 1 (profiled);
 #                                     # helm_mix after, before; decode.py of .prev/src
 #   bash bench/device_run.sh verdict  # CUDA tests, attention tests of .prev/src; helm_mix after
-#                                     # (steps traced), before, sampled drafts; decode.py at batch
-#                                     # 1 of .prev/src, then of this tree
+#                                     # (steps traced), before; decode.py at batch 1 of .prev/src;
+#                                     # helm_mix with sampled drafts; decode.py at batch 1
 #   bash bench/device_run.sh sampled  # CUDA tests of speculation; helm_mix: defaults,
 #                                     # --speculate-sampled, before
 #   bash bench/device_run.sh spectests # CUDA tests of speculation, batching and sampling (no Marlin)
@@ -234,7 +234,7 @@ for phase in "$@"; do
         ;;
     verdict)  # about 450 s on a fresh machine: the CUDA tests of this tree and the attention tests
         # of .prev/src (beside Marlin's build); helm_mix after (each scenario's steps traced),
-        # before, with sampled drafts; batch 1 profiled of .prev/src, then of this tree
+        # before; batch 1 profiled of .prev/src; helm_mix with sampled drafts; batch 1
         (python3 -c "$CHECKPOINT" >/tmp/checkpoint.log 2>&1; echo "checkpoint rc=$?" >>/tmp/checkpoint.log) &
         CKPT_PID=$!
         step cuda-tests 150 python3 -m pytest tests/engine/test_attention.py \
@@ -246,12 +246,12 @@ for phase in "$@"; do
         echo "=== $(tail -1 /tmp/checkpoint.log) (at $((SECONDS - t0))s)" | tee -a "$LOG"
         wait_marlin
         helm_after_before 60
-        step mix-sampled 60 python3 bench/helm_mix.py --label sampled --orders helm \
-            --baseline-samples 0 --engine-args '{"speculate_sampled": true}' --checkpoint "$CKPT" \
-            --out "$OUT"
         step decode-prev 60 env PYTHONPATH=".prev/src:$PYTHONPATH" python3 bench/decode.py \
             --prompt-lengths 128 --variants fused --batches 1 --profile --no-transformers \
             --variant-timeout 55 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT/prev"
+        step mix-sampled 60 python3 bench/helm_mix.py --label sampled --orders helm \
+            --baseline-samples 0 --engine-args '{"speculate_sampled": true}' --checkpoint "$CKPT" \
+            --out "$OUT"
         batch1 60
         ;;
     sampled)  # about 400 s on a fresh machine
