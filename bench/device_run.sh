@@ -18,6 +18,8 @@
 #   bash bench/device_run.sh sampled  # CUDA tests of speculation; helm_mix: defaults,
 #                                     # --speculate-sampled, before
 #   bash bench/device_run.sh spectests # CUDA tests of speculation, batching and sampling (no Marlin)
+#   bash bench/device_run.sh attn     # spectests, decode attention alone (attention_cost.py), both
+#                                     # for this tree and .prev/src (no Marlin)
 #   bash bench/device_run.sh peeronly # the peer alone (460 s) on a fresh machine: no Marlin build,
 #                                     # no checkpoint (the peer needs the shape and tokenizer only)
 #   bash bench/device_run.sh mixfused # helm_mix with the defaults (fused projections and kernels)
@@ -64,7 +66,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log, say how it
 # Marlin's JIT build (about 200 s on a fresh machine) runs in the background from the start, so
 # the CUDA tests and the checkpoint build overlap with it; `wait_marlin` joins it.
 MARLIN="import gptqmodel.extension as e; e.load('marlin_fp16')"
-case "${1:-}" in peeronly | spectests) MARLIN="pass" ;; esac  # phases that need no Marlin
+case "${1:-}" in peeronly | spectests | attn) MARLIN="pass" ;; esac  # phases that need no Marlin
 (timeout 400 python3 -c "$MARLIN" >/tmp/marlin.log 2>&1; echo "marlin rc=$?" >>/tmp/marlin.log) &
 MARLIN_PID=$!
 wait_marlin() {
@@ -270,6 +272,17 @@ for phase in "$@"; do
         step mix-before 70 env PYTHONPATH=".old/src:$PYTHONPATH" python3 bench/helm_mix.py \
             --label before --orders helm --baseline-samples 0 --checkpoint "$CKPT" --out "$OUT"
         ;;
+    attn)  # about 150 s, no Marlin: the CUDA tests of attention, speculation, batching, sampling
+        # and generation; decode attention alone; the same two for .prev/src
+        step cuda-tests 150 python3 -m pytest tests/engine/test_attention.py \
+            tests/engine/test_speculate.py tests/engine/test_batching.py \
+            tests/engine/test_sampling.py tests/engine/test_generate.py -m cuda -q -p no:cacheprovider
+        step attention-cost 60 python3 bench/attention_cost.py --out "$OUT"
+        step cuda-tests-prev 60 env PYTHONPATH=".prev/src:$PYTHONPATH" python3 -m pytest \
+            tests/engine/test_attention.py -m cuda -q -p no:cacheprovider
+        step attention-cost-prev 60 env PYTHONPATH=".prev/src:$PYTHONPATH" python3 \
+            bench/attention_cost.py --label prev --out "$OUT"
+        ;;
     spectests)
         step cuda-tests 200 python3 -m pytest tests/engine/test_attention.py tests/engine/test_speculate.py \
             tests/engine/test_batching.py tests/engine/test_sampling.py tests/engine/test_generate.py \
@@ -333,5 +346,5 @@ for phase in "$@"; do
         ;;
     esac
 done
-grep -E "^(===|step |prefill |gemm |  rows|helm-mix|helm:|interleaved:|by scenario| +(onegpu|after|before|generate|fused|unfused|deterministic|default|int8)|[0-9]+ requests from|[0-9 ]+ +[0-9.]+ |profile|prompt|transformers|fusion check|where each|[a-z_]+: [0-9]+ steps|    (prefill|decode|verify)|.*(passed|failed))" \
+grep -E "^(===|step |prefill |gemm |  rows|helm-mix|helm:|interleaved:|by scenario| +(onegpu|after|before|generate|fused|unfused|deterministic|default|int8)|[0-9]+ requests from|[0-9 ]+ +[0-9.]+ |profile|prompt|transformers|fusion check|where each|attention \[|[a-z_]+: [0-9]+ steps|    (prefill|decode|verify)|.*(passed|failed))" \
     "$LOG" | tail -120
