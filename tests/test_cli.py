@@ -7,6 +7,7 @@ what to do, never a traceback; any other failure exits 1 with one line.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -241,6 +242,31 @@ def test_serve_loads_the_model_then_runs_one_worker_with_the_settings(monkeypatc
     assert served["timeout_graceful_shutdown"] == ServeSettings().shutdown_grace_s
     (logged,) = [r.message for r in caplog.records if r.message.startswith("serve settings: ")]
     assert json.loads(logged.removeprefix("serve settings: "))["port"] == 9001
+
+
+@pytest.mark.parametrize(
+    ("flags", "before", "when_loading"),
+    [
+        (["--deterministic"], None, "AUTO,STRICT"),  # MKL reads it at its first product
+        (["--deterministic"], "AVX2", "AVX2"),  # the person's own choice stays
+        ([], None, None),  # the default mode keeps MKL's fastest kernels
+    ],
+)
+def test_deterministic_serve_sets_mkls_strict_reproducibility_before_loading(
+    monkeypatch, flags, before, when_loading
+):
+    if before is None:
+        monkeypatch.delenv("MKL_CBWR", raising=False)
+    else:
+        monkeypatch.setenv("MKL_CBWR", before)
+    seen = []
+    monkeypatch.setattr(
+        "onegpu.engine.loading.load_engine",
+        lambda config: seen.append(os.environ.get("MKL_CBWR")) or object(),
+    )
+    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: None)
+    assert main(["serve", "--device", "cpu", *flags]) == 0
+    assert seen == [when_loading]
 
 
 @pytest.fixture
