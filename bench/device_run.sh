@@ -95,6 +95,13 @@ t = make_tokenizer(WORDS); shape = dict(QWEN_14B); shape['vocab_size'] = max(sha
 folder = Path('$CKPT/shape-qwen14b'); folder.mkdir(parents=True, exist_ok=True)
 (folder / 'config.json').write_text(json.dumps(qwen2_config(shape, t, 'float16'))); t.save_pretrained(folder)"
 
+engine_tests() {  # engine_tests LIMIT: the CUDA tests of attention, speculation, batching,
+    # sampling and generation (none needs Marlin)
+    step cuda-tests "$1" python3 -m pytest tests/engine/test_attention.py \
+        tests/engine/test_speculate.py tests/engine/test_batching.py \
+        tests/engine/test_sampling.py tests/engine/test_generate.py -m cuda -q -p no:cacheprovider
+}
+
 batch1() {  # batch1 LIMIT: decode.py at one request, profiled
     step decode "$1" python3 bench/decode.py --prompt-lengths 128 --variants fused --batches 1 \
         --profile --no-transformers --variant-timeout $(($1 - 10)) --checkpoint "$CKPT/gptq8-qwen14b" \
@@ -222,9 +229,7 @@ for phase in "$@"; do
         # tree in .prev/src (git archive REV src | tar -x -C .prev)
         (python3 -c "$CHECKPOINT" >/tmp/checkpoint.log 2>&1; echo "checkpoint rc=$?" >>/tmp/checkpoint.log) &
         CKPT_PID=$!
-        step cuda-tests 150 python3 -m pytest tests/engine/test_attention.py \
-            tests/engine/test_speculate.py tests/engine/test_batching.py \
-            tests/engine/test_sampling.py tests/engine/test_generate.py -m cuda -q -p no:cacheprovider
+        engine_tests 150
         wait "$CKPT_PID"
         echo "=== $(tail -1 /tmp/checkpoint.log) (at $((SECONDS - t0))s)" | tee -a "$LOG"
         wait_marlin
@@ -239,9 +244,7 @@ for phase in "$@"; do
         # before; batch 1 profiled of .prev/src; helm_mix with sampled drafts; batch 1
         (python3 -c "$CHECKPOINT" >/tmp/checkpoint.log 2>&1; echo "checkpoint rc=$?" >>/tmp/checkpoint.log) &
         CKPT_PID=$!
-        step cuda-tests 150 python3 -m pytest tests/engine/test_attention.py \
-            tests/engine/test_speculate.py tests/engine/test_batching.py \
-            tests/engine/test_sampling.py tests/engine/test_generate.py -m cuda -q -p no:cacheprovider
+        engine_tests 150
         step cuda-tests-prev 60 env PYTHONPATH=".prev/src:$PYTHONPATH" python3 -m pytest \
             tests/engine/test_attention.py -m cuda -q -p no:cacheprovider
         wait "$CKPT_PID"
@@ -274,9 +277,7 @@ for phase in "$@"; do
         ;;
     attn)  # about 150 s, no Marlin: the CUDA tests of attention, speculation, batching, sampling
         # and generation; decode attention alone; the same two for .prev/src
-        step cuda-tests 150 python3 -m pytest tests/engine/test_attention.py \
-            tests/engine/test_speculate.py tests/engine/test_batching.py \
-            tests/engine/test_sampling.py tests/engine/test_generate.py -m cuda -q -p no:cacheprovider
+        engine_tests 150
         step attention-cost 60 python3 bench/attention_cost.py --out "$OUT"
         step cuda-tests-prev 60 env PYTHONPATH=".prev/src:$PYTHONPATH" python3 -m pytest \
             tests/engine/test_attention.py -m cuda -q -p no:cacheprovider
@@ -284,9 +285,7 @@ for phase in "$@"; do
             bench/attention_cost.py --label prev --out "$OUT"
         ;;
     spectests)
-        step cuda-tests 200 python3 -m pytest tests/engine/test_attention.py tests/engine/test_speculate.py \
-            tests/engine/test_batching.py tests/engine/test_sampling.py tests/engine/test_generate.py \
-            -m cuda -q -p no:cacheprovider
+        engine_tests 200
         ;;
     peeronly)
         step shape 60 python3 -c "$SHAPE"
