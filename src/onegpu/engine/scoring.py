@@ -36,20 +36,16 @@ def choose(logits: torch.Tensor, outputs: Sequence[Output]) -> torch.Tensor:
         request = out.request
         if not request.greedy:
             warps.setdefault((request.temperature, request.top_k, request.top_p), []).append(i)
-    if not warps:
-        return chosen
-    drawn = {}
     for (temperature, top_k, top_p), rows in warps.items():
-        got = pick(
-            torch.cat([choice[i : i + 1] for i in rows]),
+        chosen[rows] = pick(
+            choice[rows],
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
             draws=[(outputs[i].seed, len(outputs[i].scored)) for i in rows],
             generator=outputs[rows[0]].generator,
         )
-        drawn |= dict(zip(rows, got.split(1), strict=True))
-    return torch.cat([drawn[i] if i in drawn else chosen[i : i + 1] for i in range(len(outputs))])
+    return chosen
 
 
 def choose_run(logits: torch.Tensor, out: Output) -> torch.Tensor:
