@@ -7,7 +7,7 @@
 A step's wall time covers its passes and the wait for the device (each step waits once, when
 it scores), so the steps' sum is the engine's busy time and the rest of a window is idle (the
 worker waiting for requests, HTTP). Each step is classed by what it ran: a prefill pass (its
-prompt tokens), a decode pass (its rows), a verifying pass (its rows and positions).
+prompt tokens), a decode pass (its rows), a verifying pass (its rows; drafted tokens are summed).
 Works against an older engine too: only `engine.step` and `engine.forward`'s prefill, decode and
 verify methods are wrapped, those it lacks are left alone.
 """
@@ -24,7 +24,7 @@ class StepTrace:
         self.engine = engine
         self.steps: list[dict] = []  # start, seconds, prefill tokens, decode rows, verify rows
         self._now: dict | None = None
-        self._saved: list[tuple[object, str, bool]] = []
+        self._saved: list[tuple[object, str, object]] = []  # owner, name, the original
 
     def __enter__(self) -> StepTrace:
         self._wrap(self.engine, "step", self._step)
