@@ -36,13 +36,15 @@ MIN_NGRAM = 1
 WINDOW = 2048
 
 
-def propose(ids: Sequence[int], k: int) -> list[int]:
+def propose(
+    ids: Sequence[int], k: int, longest: int = MAX_NGRAM, shortest: int = MIN_NGRAM
+) -> list[int]:
     """Up to `k` tokens that followed the most recent earlier occurrence of the longest ending
-    of `ids` (MAX_NGRAM tokens down to MIN_NGRAM); [] when no ending occurred before."""
+    of `ids` (`longest` tokens down to `shortest`); [] when no ending occurred before."""
     if k <= 0:
         return []
     ids = list(ids[-WINDOW:])
-    for n in range(MAX_NGRAM, MIN_NGRAM - 1, -1):
+    for n in range(longest, shortest - 1, -1):
         if len(ids) <= n:
             continue
         ending = ids[-n:]
