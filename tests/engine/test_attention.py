@@ -169,6 +169,26 @@ def test_triton_kernels_equal_the_reference(device, kv_dtype, dim, few_rows, mon
     torch.testing.assert_close(got, prefill_reference(q, layer, p, 0.2), **tol)
 
 
+@pytest.mark.parametrize("device", kernel_devices())
+def test_decode_leaves_its_split_counters_at_zero_for_the_next_layer(device):
+    """Each (row, head)'s last split merges and resets its counter: a second layer, or the same
+    layer again, merges at the right split (a counter left over would merge too early, or never)."""
+    from onegpu.engine import kernels
+
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    lengths = [300, 37, 129]  # 5, 1 and 3 splits of 4 blocks
+    cache, tables, _ = filled_cache(lengths, 16, device=device, dtype=dtype)
+    layer = cache.layers[0]
+    p = decode_pass(cache, tables, lengths, device)
+    for seed in range(3):
+        q = torch.randn(len(lengths), Q_HEADS, 16, generator=torch.Generator().manual_seed(seed))
+        q = q.to(device, dtype)
+        got = kernels.decode(q, layer, p.tables, p.lengths, 0.2)
+        want = decode_reference(q, layer, p, 0.2)
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+        assert int(kernels._counts(q.device, 0).abs().sum()) == 0
+
+
 @needs_triton
 @pytest.mark.parametrize(("rows", "blocks"), [(1, 4), (8, 4), (9, 16), (32, 16)])
 def test_decode_programs_walk_fewer_blocks_when_few_rows_share_the_pass(rows, blocks):

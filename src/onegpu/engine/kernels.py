@@ -2,9 +2,10 @@
 
 decode: split-K ("flash decoding"). Program (row, head, split) runs an online softmax over up
 to `split_blocks(rows)` blocks of its row's table, BLOCKS_PER_STEP at a time, and writes a partial
-result; a second kernel merges the splits. The grid depends only on the batch and the table
-width, never on the lengths, so a replayed CUDA graph stays valid as sequences grow: programs
-past a row's length return at once.
+result; the last split of a (row, head) to finish merges them (a row of one split writes its
+output directly). The grid depends only on the batch and the table width, never on the lengths,
+so a replayed CUDA graph stays valid as sequences grow: programs past a row's length return at
+once.
 
 prefill: flash attention over packed chunks. Program (tile, head) takes up to `tile` query
 rows of one sequence's chunk and walks that sequence's blocks up to its last query position,
@@ -37,8 +38,8 @@ BLOCKS_PER_STEP = 4
 
 
 @triton.jit
-def _decode_split(
-    Q, K, V, KS, VS, TABLES, LENGTHS, ACC, MAX, SUM,
+def _decode(
+    Q, K, V, KS, VS, TABLES, LENGTHS, ACC, MAX, SUM, COUNTS, OUT,
     scale,
     stride_qb, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -46,93 +47,94 @@ def _decode_split(
     stride_tb,
     stride_ab, stride_ah, stride_as,
     stride_mb, stride_mh,
+    stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-    SPLIT: tl.constexpr, PER: tl.constexpr, QUANT: tl.constexpr,
+    SPLIT: tl.constexpr, SP: tl.constexpr, PER: tl.constexpr, QUANT: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)
     length = tl.load(LENGTHS + row)
+    used = tl.cdiv(length, BLOCK * SPLIT)  # splits with positions to read (0: a padding row)
     first = split * SPLIT
-    # Splits past the row's length do nothing (the merge reads only the splits that ran).
     blocks = tl.maximum(tl.minimum(tl.cdiv(length, BLOCK) - first, SPLIT), 0)
-    kv_head = head // GROUP
     dims = tl.arange(0, DP)
     dim_ok = dims < D
-    offsets = tl.arange(0, BLOCK * PER)  # positions of one step: PER blocks side by side
-    in_block = offsets % BLOCK
-    q = tl.load(Q + row * stride_qb + head * stride_qh + dims, mask=dim_ok, other=0.0)
-    q = q.to(tl.float32) * scale
-    m = tl.full([1], float("-inf"), tl.float32)
-    total = tl.zeros([1], tl.float32)
-    acc = tl.zeros([DP], tl.float32)
-    for i in range(0, tl.cdiv(blocks, PER)):
-        index = first + i * PER  # the step's first block in the row's table
-        owner = index + offsets // BLOCK  # each position's entry in the table
-        listed = owner < first + blocks
-        block = tl.load(TABLES + row * stride_tb + owner, mask=listed, other=0).to(tl.int64)
-        kv = (
-            block[:, None] * stride_kb
-            + in_block[:, None] * stride_kt
-            + kv_head * stride_kh
-            + dims[None, :]
-        )  # big pools: 64-bit offsets
-        mask = listed[:, None] & dim_ok[None, :]
-        k = tl.load(K + kv, mask=mask, other=0.0).to(tl.float32)  # [BLOCK * PER, DP]
-        if QUANT:
-            at = block * stride_sb + in_block * stride_st + kv_head * stride_sh
-            k = k * tl.load(KS + at, mask=listed, other=0.0)[:, None]
-        scores = tl.sum(k * q[None, :], axis=1)  # [BLOCK * PER]
-        scores = tl.where(index * BLOCK + offsets < length, scores, float("-inf"))
-        v = tl.load(V + kv, mask=mask, other=0.0).to(tl.float32)
-        if QUANT:
-            v = v * tl.load(VS + at, mask=listed, other=0.0)[:, None]
-        m_new = tl.maximum(m, tl.max(scores, axis=0))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(scores - m_new)
-        total = total * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-        m = m_new
-    ran = tl.zeros([1], tl.int32) < blocks  # [1]
-    out = row * stride_ab + head * stride_ah + split * stride_as
-    tl.store(ACC + out + dims, acc, mask=dim_ok & ran)
-    stats = row * stride_mb + head * stride_mh + split + tl.arange(0, 1)
-    tl.store(MAX + stats, m, mask=ran)
-    tl.store(SUM + stats, total, mask=ran)
-
-
-@triton.jit
-def _decode_merge(
-    ACC, MAX, SUM, LENGTHS, OUT,
-    stride_ab, stride_ah, stride_as,
-    stride_mb, stride_mh,
-    stride_ob, stride_oh,
-    BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-    SPLIT: tl.constexpr, SP: tl.constexpr,
-):  # fmt: skip
-    row = tl.program_id(0)
-    head = tl.program_id(1)
-    length = tl.load(LENGTHS + row)
-    used = tl.cdiv(length, BLOCK * SPLIT)  # splits that ran (0 for a padding row)
-    splits = tl.arange(0, SP)
-    ran = splits < used
-    dims = tl.arange(0, DP)
-    dim_ok = dims < D
-    stats = row * stride_mb + head * stride_mh + splits
-    m = tl.load(MAX + stats, mask=ran, other=-1e30)
-    total = tl.load(SUM + stats, mask=ran, other=0.0)
-    weight = tl.exp(m - tl.max(m, axis=0))  # [SP]; 1 everywhere when nothing ran, with total 0
-    acc = tl.load(
-        ACC + row * stride_ab + head * stride_ah + splits[:, None] * stride_as + dims[None, :],
-        mask=ran[:, None] & dim_ok[None, :],
-        other=0.0,
-    )
-    numerator = tl.sum(acc * weight[:, None], axis=0)
-    denominator = tl.maximum(tl.sum(total * weight, axis=0), 1e-30)
-    out = numerator / denominator
-    tl.store(
-        OUT + row * stride_ob + head * stride_oh + dims, out.to(OUT.dtype.element_ty), mask=dim_ok
-    )
+    out_at = OUT + row * stride_ob + head * stride_oh + dims
+    if used == 0:
+        if split == 0:  # a padding row reads nothing and gives 0
+            tl.store(out_at, tl.zeros([DP], tl.float32).to(OUT.dtype.element_ty), mask=dim_ok)
+    elif blocks > 0:  # splits past the row's length do nothing
+        kv_head = head // GROUP
+        offsets = tl.arange(0, BLOCK * PER)  # positions of one step: PER blocks side by side
+        in_block = offsets % BLOCK
+        q = tl.load(Q + row * stride_qb + head * stride_qh + dims, mask=dim_ok, other=0.0)
+        q = q.to(tl.float32) * scale
+        m = tl.full([1], float("-inf"), tl.float32)
+        total = tl.zeros([1], tl.float32)
+        acc = tl.zeros([DP], tl.float32)
+        for i in range(0, tl.cdiv(blocks, PER)):
+            index = first + i * PER  # the step's first block in the row's table
+            owner = index + offsets // BLOCK  # each position's entry in the table
+            listed = owner < first + blocks
+            block = tl.load(TABLES + row * stride_tb + owner, mask=listed, other=0).to(tl.int64)
+            kv = (
+                block[:, None] * stride_kb
+                + in_block[:, None] * stride_kt
+                + kv_head * stride_kh
+                + dims[None, :]
+            )  # big pools: 64-bit offsets
+            mask = listed[:, None] & dim_ok[None, :]
+            k = tl.load(K + kv, mask=mask, other=0.0).to(tl.float32)  # [BLOCK * PER, DP]
+            if QUANT:
+                at = block * stride_sb + in_block * stride_st + kv_head * stride_sh
+                k = k * tl.load(KS + at, mask=listed, other=0.0)[:, None]
+            scores = tl.sum(k * q[None, :], axis=1)  # [BLOCK * PER]
+            scores = tl.where(index * BLOCK + offsets < length, scores, float("-inf"))
+            v = tl.load(V + kv, mask=mask, other=0.0).to(tl.float32)
+            if QUANT:
+                v = v * tl.load(VS + at, mask=listed, other=0.0)[:, None]
+            m_new = tl.maximum(m, tl.max(scores, axis=0))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(scores - m_new)
+            total = total * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            m = m_new
+        if used == 1:  # one split holds the whole row: its result is the output
+            out = acc / tl.maximum(total, 1e-30)
+            tl.store(out_at, out.to(OUT.dtype.element_ty), mask=dim_ok)
+        else:
+            partial = row * stride_ab + head * stride_ah + split * stride_as
+            tl.store(ACC + partial + dims, acc, mask=dim_ok)
+            stats = row * stride_mb + head * stride_mh + split + tl.arange(0, 1)
+            tl.store(MAX + stats, m)
+            tl.store(SUM + stats, total)
+            # The last split of (row, head) to finish merges them all, in split order (so the
+            # result does not depend on which was last) and sets the counter back to 0 for the
+            # next layer and step: the whole program's stores come before its count.
+            tl.debug_barrier()
+            count = COUNTS + row * tl.num_programs(1) + head
+            if tl.atomic_add(count, 1, sem="acq_rel") == used - 1:
+                splits = tl.arange(0, SP)
+                ran = splits < used
+                stats = row * stride_mb + head * stride_mh + splits
+                m = tl.load(MAX + stats, mask=ran, other=-1e30, cache_modifier=".cg")
+                total = tl.load(SUM + stats, mask=ran, other=0.0, cache_modifier=".cg")
+                weight = tl.exp(m - tl.max(m, axis=0))  # [SP]
+                acc = tl.load(
+                    ACC
+                    + row * stride_ab
+                    + head * stride_ah
+                    + splits[:, None] * stride_as
+                    + dims[None, :],
+                    mask=ran[:, None] & dim_ok[None, :],
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+                numerator = tl.sum(acc * weight[:, None], axis=0)
+                denominator = tl.maximum(tl.sum(total * weight, axis=0), 1e-30)
+                tl.store(out_at, (numerator / denominator).to(OUT.dtype.element_ty), mask=dim_ok)
+                tl.store(count, 0)
 
 
 @triton.jit
@@ -210,12 +212,29 @@ def _scale_strides(layer: Layer) -> tuple[torch.Tensor, torch.Tensor, tuple[int,
     return layer.key_scales, layer.value_scales, tuple(layer.key_scales.stride())
 
 
+def _counts(device: torch.device, needed: int) -> torch.Tensor:
+    """The decode kernel's zeroed per-(row, head) split counters on `device`, at least `needed`.
+
+    The kernel leaves them at 0, so one buffer serves every layer, step and captured graph. A
+    larger one is added beside the old (never replacing it: captured graphs still read it); the
+    engine's warm-up passes reach the largest batch before any graph is captured.
+    """
+    buffers = _COUNTS.setdefault(str(device), [])
+    if not buffers or buffers[-1].numel() < needed:
+        buffers.append(torch.zeros(max(needed, 1 << 16), dtype=torch.int32, device=device))
+    return buffers[-1]
+
+
+_COUNTS: dict[str, list[torch.Tensor]] = {}
+
+
 def decode(
     q: torch.Tensor, layer: Layer, tables: torch.Tensor, lengths: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """q [B, Hq, D] -> [B, Hq, D], row b over its first `lengths[b]` positions.
 
     tables: [B, W] int32 block tables; lengths: [B] int32 (0 for a padding row: output 0).
+    One kernel: each (row, head)'s last split to finish merges the splits' partial results.
     """
     rows, q_heads, dim = q.shape
     block_size, kv_heads = layer.keys.shape[1], layer.keys.shape[2]
@@ -225,10 +244,11 @@ def decode(
     acc = torch.empty(rows, q_heads, splits, dp, dtype=torch.float32, device=q.device)
     maxes = torch.empty(rows, q_heads, splits, dtype=torch.float32, device=q.device)
     sums = torch.empty_like(maxes)
+    out = torch.empty_like(q)
     key_scales, value_scales, scale_strides = _scale_strides(layer)
-    _decode_split[(rows, q_heads, splits)](
+    _decode[(rows, q_heads, splits)](
         q, layer.keys, layer.values, key_scales, value_scales, tables, lengths,
-        acc, maxes, sums,
+        acc, maxes, sums, _counts(q.device, rows * q_heads), out,
         scale,
         q.stride(0), q.stride(1),
         layer.keys.stride(0), layer.keys.stride(1), layer.keys.stride(2),
@@ -236,17 +256,10 @@ def decode(
         tables.stride(0),
         acc.stride(0), acc.stride(1), acc.stride(2),
         maxes.stride(0), maxes.stride(1),
-        GROUP=q_heads // kv_heads, BLOCK=block_size, D=dim, DP=dp,
-        SPLIT=split, PER=BLOCKS_PER_STEP, QUANT=layer.quantized,
-    )  # fmt: skip
-    out = torch.empty_like(q)
-    _decode_merge[(rows, q_heads)](
-        acc, maxes, sums, lengths, out,
-        acc.stride(0), acc.stride(1), acc.stride(2),
-        maxes.stride(0), maxes.stride(1),
         out.stride(0), out.stride(1),
-        BLOCK=block_size, D=dim, DP=dp,
-        SPLIT=split, SP=triton.next_power_of_2(splits),
+        GROUP=q_heads // kv_heads, BLOCK=block_size, D=dim, DP=dp,
+        SPLIT=split, SP=triton.next_power_of_2(splits), PER=BLOCKS_PER_STEP,
+        QUANT=layer.quantized,
     )  # fmt: skip
     return out
 
