@@ -117,11 +117,11 @@ def _decode(
             if tl.atomic_add(count, 1, sem="acq_rel") == used - 1:
                 splits = tl.arange(0, SP)
                 ran = splits < used
-                stats = row * stride_mb + head * stride_mh + splits
-                m = tl.load(MAX + stats, mask=ran, other=-1e30, cache_modifier=".cg")
-                total = tl.load(SUM + stats, mask=ran, other=0.0, cache_modifier=".cg")
-                weight = tl.exp(m - tl.max(m, axis=0))  # [SP]
-                acc = tl.load(
+                at = row * stride_mb + head * stride_mh + splits
+                maxes = tl.load(MAX + at, mask=ran, other=-1e30, cache_modifier=".cg")
+                sums = tl.load(SUM + at, mask=ran, other=0.0, cache_modifier=".cg")
+                weight = tl.exp(maxes - tl.max(maxes, axis=0))  # [SP]
+                partials = tl.load(
                     ACC
                     + row * stride_ab
                     + head * stride_ah
@@ -131,8 +131,8 @@ def _decode(
                     other=0.0,
                     cache_modifier=".cg",
                 )
-                numerator = tl.sum(acc * weight[:, None], axis=0)
-                denominator = tl.maximum(tl.sum(total * weight, axis=0), 1e-30)
+                numerator = tl.sum(partials * weight[:, None], axis=0)
+                denominator = tl.maximum(tl.sum(sums * weight, axis=0), 1e-30)
                 tl.store(out_at, (numerator / denominator).to(OUT.dtype.element_ty), mask=dim_ok)
                 tl.store(count, 0)
 
