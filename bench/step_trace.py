@@ -8,6 +8,8 @@ A step's wall time covers its passes and the wait for the device (each step wait
 it scores), so the steps' sum is the engine's busy time and the rest of a window is idle (the
 worker waiting for requests, HTTP). Each step is classed by what it ran: a prefill pass (its
 prompt tokens), a decode pass (its rows), a verifying pass (its rows; drafted tokens are summed).
+The timeline lists the classes in the order they ran, runs of one class folded into one entry
+("decode 8 x77"), so a scenario whose last request decodes alone after the others shows it.
 Works against an older engine too: only `engine.step` and `engine.forward`'s prefill, decode and
 verify methods are wrapped, those it lacks are left alone.
 """
@@ -75,8 +77,8 @@ class StepTrace:
         return make
 
     def summary(self, since: float, until: float) -> dict:
-        """The steps that began in [since, until): busy and idle seconds, and per class of step
-        its count, seconds and median milliseconds."""
+        """The steps that began in [since, until): busy and idle seconds, per class of step its
+        count, seconds and median milliseconds, and the timeline of classes."""
         steps = [s for s in self.steps if since <= s["start"] < until]
         classes: dict[str, list[float]] = defaultdict(list)
         for s in steps:
@@ -96,7 +98,19 @@ class StepTrace:
                 }
                 for name, times in sorted(classes.items(), key=lambda kv: -sum(kv[1]))
             },
+            "timeline": timeline([_class_of(s) for s in steps]),
         }
+
+
+def timeline(classes: list[str]) -> list[str]:
+    """`classes` in order, each run of one class as one entry: "decode 8 x77"."""
+    runs: list[list] = []
+    for name in classes:
+        if runs and runs[-1][0] == name:
+            runs[-1][1] += 1
+        else:
+            runs.append([name, 1])
+    return [name if count == 1 else f"{name} x{count}" for name, count in runs]
 
 
 def _prompt_tokens(chunks) -> int:
@@ -128,4 +142,7 @@ def report(name: str, summary: dict) -> str:
             f"    {cls:<28} {entry['steps']:>5} steps {entry['seconds']:>6.2f} s "
             f"(median {entry['median_ms']:.2f} ms)"
         )
+    order = summary.get("timeline", [])
+    shown = order if len(order) <= 12 else [*order[:6], "...", *order[-5:]]
+    lines.append("    in order: " + " | ".join(shown))
     return "\n".join(lines)
