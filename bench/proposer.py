@@ -30,7 +30,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from onegpu.engine.forward import VERIFY_COST
-from onegpu.engine.speculate import accepted, propose
+from onegpu.engine.speculate import Lookup, accepted
 
 COSTS = (VERIFY_COST[1], VERIFY_COST[16])
 
@@ -43,9 +43,10 @@ def replay(
     gives), split into plain and verifying."""
     plain = passes = drafted = kept = 0
     at = 1
+    lookup = Lookup(longest, shortest)
     while at < len(answer):
         left = limit - at - 1  # a verifying pass gives one token past its draft
-        draft = propose(prompt + answer[:at], min(k, left), longest, shortest)
+        draft = lookup.draft(prompt + answer[:at], min(k, left))
         if not draft:
             plain += 1
             at += 1

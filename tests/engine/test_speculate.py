@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +11,15 @@ import torch
 from onegpu.engine.blocks import block_hashes
 from onegpu.engine.config import SPECULATIVE_TOKENS_CUDA, EngineConfig, speculative_tokens_for
 from onegpu.engine.forward import Chunk, Row, verify_width
-from onegpu.engine.speculate import PRIOR, WEIGHT, accepted, estimate, propose, worth_verifying
+from onegpu.engine.speculate import (
+    PRIOR,
+    WEIGHT,
+    WINDOW,
+    Lookup,
+    accepted,
+    estimate,
+    worth_verifying,
+)
 from onegpu.engine.types import GenerationRequest
 from tests.conftest import DEVICES, make_engine
 from tests.engine.test_batching import REQUESTS, assert_same, run_interleaved
@@ -20,17 +29,50 @@ from tests.engine.test_batching import REQUESTS, assert_same, run_interleaved
     ("ids", "k", "draft"),
     [
         ([1, 2, 3, 4, 9, 1, 2, 3], 2, [4, 9]),  # the ending 1 2 3 was followed by 4 9
-        ([1, 2, 3, 4, 9, 1, 2, 3], 9, [4, 9, 1, 2, 3]),  # what follows, up to the end
+        ([1, 2, 3, 4, 9, 1, 2, 3], 5, [4, 9, 1, 2, 3]),  # what follows, up to the end
+        ([1, 2, 3, 4, 9, 1, 2, 3], 7, [4, 9, 1, 2, 3, 4, 9]),  # then the loop goes round again
         ([5, 1, 2, 7, 1, 2, 8, 1, 2], 3, [8, 1, 2]),  # the latest occurrence wins
-        ([4, 5, 6, 6], 2, [6]),  # only the one-token ending occurred before
+        ([4, 5, 6, 6], 2, [6, 6]),  # only the one-token ending occurred before, just before
         ([1, 2, 3], 4, []),  # no ending occurred before
-        ([7, 7, 7, 7], 3, [7]),  # never the ending itself: what follows its previous copy
+        ([7, 7, 7, 7], 3, [7, 7, 7]),  # never the ending itself: its previous copy, repeating
+        ([3, 8, 3, 8, 3], 4, [8, 3, 8, 3]),  # a period of two
         ([1, 2, 1, 2], 0, []),  # nothing asked for
         ([], 3, []),
     ],
 )
-def test_propose_continues_the_latest_earlier_occurrence_of_the_ending(ids, k, draft):
-    assert propose(ids, k) == draft
+def test_a_draft_continues_the_latest_earlier_occurrence_of_the_ending(ids, k, draft):
+    assert Lookup().draft(ids, k) == draft
+
+
+def searched(ids: list[int], k: int, longest: int, shortest: int) -> list[int]:
+    """The draft by plain search: back from the end for the longest ending's latest earlier
+    occurrence within WINDOW, then what follows it, the period repeated."""
+    ids = ids[-WINDOW:]
+    for n in range(longest, shortest - 1, -1):
+        for start in range(len(ids) - n - 1, -1, -1):
+            if ids[start : start + n] == ids[-n:]:
+                return [ids[start + n + i % (len(ids) - start - n)] for i in range(k)]
+    return []
+
+
+@pytest.mark.parametrize(("longest", "shortest"), [(3, 1), (5, 2), (1, 1)])
+@pytest.mark.parametrize("vocab", [3, 20])
+def test_a_lookup_fed_as_the_text_grows_drafts_what_a_search_finds(longest, shortest, vocab):
+    rng = random.Random(vocab * 100 + longest)
+    ids: list[int] = []
+    lookup = Lookup(longest, shortest)
+    for _ in range(300):  # grown by 1 to 5 tokens at a time, as verified drafts do
+        ids += [rng.randrange(vocab) for _ in range(rng.randint(1, 5))]
+        k = rng.randint(0, 9)
+        assert lookup.draft(ids, k) == searched(ids, k, longest, shortest)
+
+
+@pytest.mark.parametrize(("filler", "draft"), [(WINDOW - 3, [2]), (WINDOW - 2, [])])
+def test_a_lookup_looks_back_no_further_than_the_window(filler, draft):
+    """1 2, `filler` tokens that never repeat, then 1: the earlier 1 is within the last WINDOW
+    tokens only while the text is at most WINDOW long."""
+    ids = [1, 2, *range(10, 10 + filler), 1]
+    assert Lookup().draft(ids, 1) == draft
 
 
 @pytest.mark.parametrize(
