@@ -95,6 +95,24 @@ def test_a_request_waits_for_a_prefix_in_flight_instead_of_computing_it_twice():
     assert b in s.running and b.reused == 12
 
 
+def test_blocks_computed_after_a_cached_prefix_are_read_by_the_next_request():
+    """b reads a's first three blocks and computes two of its own; c, which starts with all
+    five of b's, reads them as soon as b has computed them. (b's own blocks were never marked
+    computed, so c waited for them until b finished: a summary decoded alone after the rest.)"""
+    s = scheduler(40)
+    a = seq(1, PROMPT[:12] + [50])
+    s.add(a)
+    prefill_all(s)
+    b = seq(2, PROMPT[:12] + list(range(60, 69)))  # 21 tokens: 5 full blocks, 2 of them new
+    s.add(b)
+    prefill_all(s)
+    assert b.reused == 12 and b.published == 5
+    c = seq(3, b.ids[:20] + [70])
+    s.add(c)
+    s.plan()
+    assert c in s.running and c.reused == 20 and c.table[:5] == b.table[:5]
+
+
 def test_others_pass_a_waiting_request_and_memory_stops_admission_in_order():
     s = scheduler(40, chunk=8)
     a, b, c = seq(1, PROMPT + [1]), seq(2, PROMPT + [2]), seq(3, [7] * 30)

@@ -213,7 +213,7 @@ class Scheduler:
         for index in range(len(cached), len(names)):
             self.pool.name(seq.table[index], names[index])  # others now wait for these
         seq.names = names
-        seq.computed = seq.published = len(cached) * size
+        seq.computed, seq.published = len(cached) * size, len(cached)  # positions, blocks
         if seq.preemptions:
             self.recomputed_tokens += target - seq.computed
         seq.reused = seq.computed
