@@ -20,6 +20,7 @@
 #   bash bench/device_run.sh spectests # CUDA tests of speculation, batching and sampling (no Marlin)
 #   bash bench/device_run.sh attn     # spectests, decode attention alone (attention_cost.py), both
 #                                     # for this tree and .prev/src (no Marlin)
+#   (steps of .prev/src are skipped when there is none: git archive REV src | tar -x -C .prev)
 #   bash bench/device_run.sh peeronly # the peer alone (460 s) on a fresh machine: no Marlin build,
 #                                     # no checkpoint (the peer needs the shape and tokenizer only)
 #   bash bench/device_run.sh mixfused # helm_mix with the defaults (fused projections and kernels)
@@ -61,6 +62,11 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log, say how it
     timeout "$limit" "$@" >>"$LOG" 2>&1
     local rc=$?
     echo "=== $name: rc=$rc in $((SECONDS - start))s" | tee -a "$LOG"
+}
+
+prev() {  # prev NAME LIMIT COMMAND...: a step for the tree in .prev/src, skipped without one
+    [ -d .prev/src ] || { echo "=== $1: no .prev/src, skipped" | tee -a "$LOG"; return 0; }
+    step "$@"
 }
 
 # Marlin's JIT build (about 200 s on a fresh machine) runs in the background from the start, so
@@ -235,7 +241,7 @@ for phase in "$@"; do
         wait_marlin
         batch1 90
         helm_after_before 70
-        step decode-prev 55 env PYTHONPATH=".prev/src:$PYTHONPATH" python3 bench/decode.py \
+        prev decode-prev 55 env PYTHONPATH=".prev/src:$PYTHONPATH" python3 bench/decode.py \
             --prompt-lengths 128 --variants fused --batches 1 --no-transformers \
             --variant-timeout 50 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT/prev"
         ;;
@@ -245,13 +251,13 @@ for phase in "$@"; do
         (python3 -c "$CHECKPOINT" >/tmp/checkpoint.log 2>&1; echo "checkpoint rc=$?" >>/tmp/checkpoint.log) &
         CKPT_PID=$!
         engine_tests 150
-        step cuda-tests-prev 60 env PYTHONPATH=".prev/src:$PYTHONPATH" python3 -m pytest \
+        prev cuda-tests-prev 60 env PYTHONPATH=".prev/src:$PYTHONPATH" python3 -m pytest \
             tests/engine/test_attention.py -m cuda -q -p no:cacheprovider
         wait "$CKPT_PID"
         echo "=== $(tail -1 /tmp/checkpoint.log) (at $((SECONDS - t0))s)" | tee -a "$LOG"
         wait_marlin
         helm_after_before 60
-        step decode-prev 60 env PYTHONPATH=".prev/src:$PYTHONPATH" python3 bench/decode.py \
+        prev decode-prev 60 env PYTHONPATH=".prev/src:$PYTHONPATH" python3 bench/decode.py \
             --prompt-lengths 128 --variants fused --batches 1 --profile --no-transformers \
             --variant-timeout 55 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT/prev"
         step mix-sampled 60 python3 bench/helm_mix.py --label sampled --orders helm \
@@ -279,9 +285,9 @@ for phase in "$@"; do
         # and generation; decode attention alone; the same two for .prev/src
         engine_tests 150
         step attention-cost 60 python3 bench/attention_cost.py --out "$OUT"
-        step cuda-tests-prev 60 env PYTHONPATH=".prev/src:$PYTHONPATH" python3 -m pytest \
+        prev cuda-tests-prev 60 env PYTHONPATH=".prev/src:$PYTHONPATH" python3 -m pytest \
             tests/engine/test_attention.py -m cuda -q -p no:cacheprovider
-        step attention-cost-prev 60 env PYTHONPATH=".prev/src:$PYTHONPATH" python3 \
+        prev attention-cost-prev 60 env PYTHONPATH=".prev/src:$PYTHONPATH" python3 \
             bench/attention_cost.py --label prev --out "$OUT"
         ;;
     spectests)
