@@ -40,6 +40,14 @@ def _cuda_param():
 DEVICES = ["cpu", _cuda_param()]
 
 
+def bench_module(name: str):
+    """bench/<name>.py, loaded as a module (bench/ is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def helm_python() -> Path:
     """crfm-helm's venv (scripts/setup-helm-venv); CI sets ONEGPU_REQUIRE_HELM=1: it must exist."""

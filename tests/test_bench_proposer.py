@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import bench_module
 from tests.engine.test_speculate import CYCLE, bigram_engine, greedy
 
-
-def _load_module():
-    spec = importlib.util.spec_from_file_location("bench_proposer", REPO / "bench" / "proposer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-replay = _load_module().replay
+replay = bench_module("proposer").replay
 
 
 @pytest.mark.parametrize(

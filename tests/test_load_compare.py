@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import bench_module
 
-
-def _load_module():
-    spec = importlib.util.spec_from_file_location("bench_load", REPO / "bench" / "load.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = _load_module().compare
+compare = bench_module("load").compare
 A = [(" Paris", -0.5), (" is", -1.0), (" nice", -2.0)]
 
 

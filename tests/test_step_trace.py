@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import bench_module
 
-
-def _load_module():
-    spec = importlib.util.spec_from_file_location("step_trace", REPO / "bench" / "step_trace.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-step_trace = _load_module()
+step_trace = bench_module("step_trace")
 
 
 @pytest.mark.parametrize(
