@@ -19,6 +19,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections import defaultdict
+from itertools import groupby
 
 
 class StepTrace:
@@ -80,9 +81,10 @@ class StepTrace:
         """The steps that began in [since, until): busy and idle seconds, per class of step its
         count, seconds and median milliseconds, and the timeline of classes."""
         steps = [s for s in self.steps if since <= s["start"] < until]
+        names = [_class_of(s) for s in steps]
         classes: dict[str, list[float]] = defaultdict(list)
-        for s in steps:
-            classes[_class_of(s)].append(s["seconds"])
+        for name, s in zip(names, steps, strict=True):
+            classes[name].append(s["seconds"])
         busy = sum(s["seconds"] for s in steps)
         return {
             "steps": len(steps),
@@ -98,18 +100,13 @@ class StepTrace:
                 }
                 for name, times in sorted(classes.items(), key=lambda kv: -sum(kv[1]))
             },
-            "timeline": timeline([_class_of(s) for s in steps]),
+            "timeline": timeline(names),
         }
 
 
 def timeline(classes: list[str]) -> list[str]:
     """`classes` in order, each run of one class as one entry: "decode 8 x77"."""
-    runs: list[list] = []
-    for name in classes:
-        if runs and runs[-1][0] == name:
-            runs[-1][1] += 1
-        else:
-            runs.append([name, 1])
+    runs = ((name, sum(1 for _ in run)) for name, run in groupby(classes))
     return [name if count == 1 else f"{name} x{count}" for name, count in runs]
 
 
