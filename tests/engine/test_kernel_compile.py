@@ -19,7 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]  # not from conftest: it would set the interpreter
 KERNELS = {
-    "onegpu.engine.kernels": ["_decode_split", "_decode_merge", "_prefill", "_rope_write"],
+    "onegpu.engine.kernels": ["_decode", "_prefill", "_rope_write"],
     "onegpu.engine.dense_prefill": ["_dequantize"],
     "onegpu.engine.invariant_kernels": ["_matmul", "_log_softmax"],
 }
