@@ -14,7 +14,8 @@
 #                                     # helm_mix after, before; decode.py of .prev/src
 #   bash bench/device_run.sh verdict  # CUDA tests, attention tests of .prev/src; helm_mix after
 #                                     # (steps traced), before; decode.py at batch 1 of .prev/src;
-#                                     # helm_mix with sampled drafts; decode.py at batch 1
+#                                     # helm_mix with sampled drafts, without drafts; decode.py at
+#                                     # batch 1
 #   bash bench/device_run.sh sampled  # CUDA tests of speculation; helm_mix: defaults,
 #                                     # --speculate-sampled, before
 #   bash bench/device_run.sh spectests # CUDA tests of speculation, batching and sampling (no Marlin)
@@ -247,7 +248,8 @@ for phase in "$@"; do
         ;;
     verdict)  # about 450 s on a fresh machine: the CUDA tests of this tree and the attention tests
         # of .prev/src (beside Marlin's build); helm_mix after (each scenario's steps traced),
-        # before; batch 1 profiled of .prev/src; helm_mix with sampled drafts; batch 1
+        # before; batch 1 profiled of .prev/src; helm_mix with sampled drafts, without drafts
+        # (k = 0); batch 1
         (python3 -c "$CHECKPOINT" >/tmp/checkpoint.log 2>&1; echo "checkpoint rc=$?" >>/tmp/checkpoint.log) &
         CKPT_PID=$!
         engine_tests 150
@@ -263,6 +265,8 @@ for phase in "$@"; do
         step mix-sampled 60 python3 bench/helm_mix.py --label sampled --orders helm \
             --baseline-samples 0 --engine-args '{"speculate_sampled": true}' --checkpoint "$CKPT" \
             --out "$OUT"
+        step mix-k0 60 python3 bench/helm_mix.py --label k0 --orders helm --baseline-samples 0 \
+            --engine-args '{"speculative_tokens": 0}' --checkpoint "$CKPT" --out "$OUT"
         batch1 60
         ;;
     sampled)  # about 400 s on a fresh machine
