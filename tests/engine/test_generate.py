@@ -1,10 +1,13 @@
 """Generation semantics on a tiny random Qwen2 with the real Qwen tokenizer, on every device."""
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
 
+from onegpu.engine.forward import collector_paused
 from onegpu.engine.types import ContextWindowError, GenerationRequest
 from tests.conftest import DEVICES, make_engine
 
@@ -153,3 +156,59 @@ def _eos_loving_model(tokenizer):
 
     model.forward = forward
     return model
+
+
+# -- CUDA graph capture and Python's garbage collector ---------------------------------------------
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self  # freed only by the collector
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_collector_runs_before_a_capture_and_not_during_it(enabled):
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        garbage = weakref.ref(_Cycle())
+        assert garbage() is not None
+        with collector_paused():
+            assert garbage() is None  # collected on entry
+            assert not gc.isenabled()
+        assert gc.isenabled() == enabled  # as it was
+        with pytest.raises(ValueError), collector_paused():
+            raise ValueError("a failed capture")
+        assert gc.isenabled() == enabled
+    finally:
+        (gc.enable if was else gc.disable)()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_dead_engines_graphs_cannot_break_a_new_engines_capture(tiny_qwen_model, qwen_tokenizer):
+    """A dead engine (a reference cycle) holds captured graphs; the collector destroying them
+    during another capture ended it (cudaErrorStreamCaptureInvalidated). With the collector
+    set to run at nearly every allocation, no collection may start while a graph is captured."""
+    old = make_engine(tiny_qwen_model, qwen_tokenizer, device="cuda", default_stop=())
+    old.generate(greedy(max_new_tokens=3))
+    assert old.forward._graphs  # it captured
+    del old
+    during_capture = []
+
+    def watch(phase, info):
+        if phase == "start" and torch.cuda.is_current_stream_capturing():
+            during_capture.append(info["generation"])
+
+    thresholds = gc.get_threshold()
+    gc.callbacks.append(watch)
+    gc.set_threshold(1, 1, 1)
+    try:
+        new = make_engine(tiny_qwen_model, qwen_tokenizer, device="cuda", default_stop=())
+        completion = new.generate(greedy(max_new_tokens=3))
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.callbacks.remove(watch)
+    assert new.forward._graphs
+    assert completion.new_tokens == 3
+    assert during_capture == []

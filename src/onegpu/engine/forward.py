@@ -14,8 +14,11 @@ serves every sequence length. Padding rows and positions write to the null block
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,6 +32,24 @@ from onegpu.engine.kvcache import PagedKVCache, slot_of
 log = logging.getLogger(__name__)
 
 Logits = Literal["none", "last", "all"]
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Collect Python's garbage now, and none until the block ends (a CUDA graph capture).
+
+    A graph destroyed while another is being captured (an earlier engine's, freed when the
+    collector breaks its reference cycles) is an illegal call that ends the capture with
+    cudaErrorStreamCaptureInvalidated; `torch.cuda.graph` no longer collects first.
+    """
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -366,7 +387,7 @@ class Forward:
                 self._pass(inputs, size, **padding)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with collector_paused(), torch.cuda.graph(graph, pool=self._pool):
             logits = self._pass(inputs, size, **padding)
         self._graphs[size, width] = (graph, logits)
         log.info("captured the decode step for %d rows of %d positions", size, width)
