@@ -2,6 +2,7 @@
 # One device-machine call per phase: set up, check, then time, writing everything under $OUT.
 #
 #   bash bench/device_run.sh tests    # CUDA tests of the engine (tiny models, kernels, graphs)
+#   bash bench/device_run.sh check    # CUDA tests of the engine, then decode.py at batch 1 (profiled)
 #   bash bench/device_run.sh mix      # helm_mix: this tree, then the tree in .old/src (before)
 #   bash bench/device_run.sh speed    # generate() baselines, decode.py
 #   bash bench/device_run.sh variants # helm_mix with the defaults, --prefill-chunk 2048, int8 KV
@@ -132,6 +133,16 @@ for phase in "$@"; do
     tests)
         # The GPTQ tests need Marlin: they wait for the background build.
         step cuda-tests 330 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider
+        ;;
+    check)  # about 450 s on a fresh machine: every CUDA test of the engine (the GPTQ ones wait
+        # for Marlin's build), then batch 1 profiled
+        (python3 -c "$CHECKPOINT" >/tmp/checkpoint.log 2>&1; echo "checkpoint rc=$?" >>/tmp/checkpoint.log) &
+        CKPT_PID=$!
+        step cuda-tests 300 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider
+        wait "$CKPT_PID"
+        echo "=== $(tail -1 /tmp/checkpoint.log) (at $((SECONDS - t0))s)" | tee -a "$LOG"
+        wait_marlin
+        batch1 60
         ;;
     decode)
         ready

@@ -4,8 +4,9 @@
   concatenated weights. An 8-bit GPTQ layer gets the checkpoint's packed tensors (qweight,
   scales, qzeros, bias) concatenated along output features, then its kernel's own set-up (the
   Marlin repack): exact, since the parts share the input width, group size and `g_idx`.
-- On CUDA, Liger's Triton kernels replace the eager element-wise chains: RMSNorm, residual-add +
-  RMSNorm, rotary embedding and SiLU-and-multiply are one kernel each instead of 4 to 10.
+- On CUDA, Triton kernels replace the eager element-wise chains: RMSNorm, residual-add +
+  RMSNorm and rotary embedding (Liger's) and SiLU-and-multiply (`mlp_kernels`, tiled over
+  columns) are one kernel each instead of 4 to 10.
 - In the engine's paged passes on CUDA, one kernel (`kernels.rope_write`) rotates the queries
   and keys straight out of the q/k/v GEMM's output and stores keys and values in the cache
   (instead of two copies, a rotary kernel and two scatters per layer), and each layer leaves
@@ -74,7 +75,8 @@ class TorchOps:
 
 
 class LigerOps:
-    """Liger's Triton kernels (CUDA): same arithmetic and casts ("llama" casting), one launch."""
+    """Triton kernels (CUDA): Liger's norms and rotary, and SiLU-and-multiply of ours (Liger's
+    arithmetic); same arithmetic and casts as the eager ops ("llama" casting), one launch."""
 
     name = "liger"
 
@@ -101,9 +103,9 @@ class LigerOps:
 
     @staticmethod
     def silu_mul(gate_up):
-        from liger_kernel.ops.swiglu import swiglu_fused_gate_up_forward
+        from onegpu.engine.mlp_kernels import silu_mul
 
-        return swiglu_fused_gate_up_forward(gate_up)[1]
+        return silu_mul(gate_up)  # Liger's arithmetic, its columns spread over programs
 
 
 def pick_ops(device: torch.device) -> type[TorchOps] | type[LigerOps]:
