@@ -3,6 +3,7 @@
 #
 #   bash bench/device_run.sh tests    # CUDA tests of the engine (tiny models, kernels, graphs)
 #   bash bench/device_run.sh check    # CUDA tests of the engine, then decode.py at batch 1 (profiled)
+#                                     # for this tree and .prev/src
 #   bash bench/device_run.sh mix      # helm_mix: this tree, then the tree in .old/src (before)
 #   bash bench/device_run.sh speed    # generate() baselines, decode.py
 #   bash bench/device_run.sh variants # helm_mix with the defaults, --prefill-chunk 2048, int8 KV
@@ -135,7 +136,7 @@ for phase in "$@"; do
         step cuda-tests 330 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider
         ;;
     check)  # about 450 s on a fresh machine: every CUDA test of the engine (the GPTQ ones wait
-        # for Marlin's build), then batch 1 profiled
+        # for Marlin's build), then batch 1 profiled, for this tree and .prev/src
         (python3 -c "$CHECKPOINT" >/tmp/checkpoint.log 2>&1; echo "checkpoint rc=$?" >>/tmp/checkpoint.log) &
         CKPT_PID=$!
         step cuda-tests 300 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider
@@ -143,6 +144,9 @@ for phase in "$@"; do
         echo "=== $(tail -1 /tmp/checkpoint.log) (at $((SECONDS - t0))s)" | tee -a "$LOG"
         wait_marlin
         batch1 60
+        prev decode-prev 60 env PYTHONPATH=".prev/src:$PYTHONPATH" python3 bench/decode.py \
+            --prompt-lengths 128 --variants fused --batches 1 --profile --no-transformers \
+            --variant-timeout 55 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT/prev"
         ;;
     decode)
         ready
