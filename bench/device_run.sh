@@ -4,6 +4,7 @@
 #   bash bench/device_run.sh tests    # CUDA tests of the engine (tiny models, kernels, graphs)
 #   bash bench/device_run.sh check    # CUDA tests of the engine, then decode.py at batch 1 (profiled)
 #                                     # for this tree and .prev/src
+#   bash bench/device_run.sh checklite # the same CUDA tests but the GPTQ and dense ones (no Marlin)
 #   bash bench/device_run.sh mix      # helm_mix: this tree, then the tree in .old/src (before)
 #   bash bench/device_run.sh speed    # generate() baselines, decode.py
 #   bash bench/device_run.sh variants # helm_mix with the defaults, --prefill-chunk 2048, int8 KV
@@ -75,7 +76,7 @@ prev() {  # prev NAME LIMIT COMMAND...: a step for the tree in .prev/src, skippe
 # Marlin's JIT build (about 200 s on a fresh machine) runs in the background from the start, so
 # the CUDA tests and the checkpoint build overlap with it; `wait_marlin` joins it.
 MARLIN="import gptqmodel.extension as e; e.load('marlin_fp16')"
-case "${1:-}" in peeronly | spectests | attn) MARLIN="pass" ;; esac  # phases that need no Marlin
+case "${1:-}" in peeronly | spectests | attn | checklite) MARLIN="pass" ;; esac  # phases that need no Marlin
 (timeout 400 python3 -c "$MARLIN" >/tmp/marlin.log 2>&1; echo "marlin rc=$?" >>/tmp/marlin.log) &
 MARLIN_PID=$!
 wait_marlin() {
@@ -147,6 +148,10 @@ for phase in "$@"; do
         prev decode-prev 60 env PYTHONPATH=".prev/src:$PYTHONPATH" python3 bench/decode.py \
             --prompt-lengths 128 --variants fused --batches 1 --profile --no-transformers \
             --variant-timeout 55 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT/prev"
+        ;;
+    checklite)  # about 150 s, no Marlin: every CUDA test of the engine but the GPTQ and dense ones
+        step cuda-tests 200 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider \
+            -k "not gptq and not dense"
         ;;
     decode)
         ready
