@@ -5,6 +5,8 @@
 #   bash bench/device_run.sh check    # CUDA tests of the engine, then decode.py at batch 1 (profiled)
 #                                     # for this tree and .prev/src
 #   bash bench/device_run.sh checklite # the same CUDA tests but the GPTQ and dense ones (no Marlin)
+#   bash bench/device_run.sh checkspeed # checklite's tests beside Marlin's build, then batch 1
+#                                       # profiled for this tree and .prev/src
 #   bash bench/device_run.sh mix      # helm_mix: this tree, then the tree in .old/src (before)
 #   bash bench/device_run.sh speed    # generate() baselines, decode.py
 #   bash bench/device_run.sh variants # helm_mix with the defaults, --prefill-chunk 2048, int8 KV
@@ -152,6 +154,20 @@ for phase in "$@"; do
     checklite)  # about 150 s, no Marlin: every CUDA test of the engine but the GPTQ and dense ones
         step cuda-tests 200 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider \
             -k "not gptq and not dense"
+        ;;
+    checkspeed)  # about 330 s: the CUDA tests but the GPTQ and dense ones (beside Marlin's
+        # build), then batch 1 profiled for this tree and .prev/src
+        (python3 -c "$CHECKPOINT" >/tmp/checkpoint.log 2>&1; echo "checkpoint rc=$?" >>/tmp/checkpoint.log) &
+        CKPT_PID=$!
+        step cuda-tests 150 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider \
+            -k "not gptq and not dense"
+        wait "$CKPT_PID"
+        echo "=== $(tail -1 /tmp/checkpoint.log) (at $((SECONDS - t0))s)" | tee -a "$LOG"
+        wait_marlin
+        batch1 45
+        prev decode-prev 45 env PYTHONPATH=".prev/src:$PYTHONPATH" python3 bench/decode.py \
+            --prompt-lengths 128 --variants fused --batches 1 --profile --no-transformers \
+            --variant-timeout 40 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT/prev"
         ;;
     decode)
         ready
