@@ -22,6 +22,7 @@ KERNELS = {
     "onegpu.engine.kernels": ["_decode", "_prefill", "_rope_write"],
     "onegpu.engine.dense_prefill": ["_dequantize"],
     "onegpu.engine.invariant_kernels": ["_matmul", "_log_softmax"],
+    "onegpu.engine.mlp_kernels": ["_silu_mul"],
 }
 # The CPU tests that launch them (in the interpreter).
 LAUNCHING = [
@@ -31,6 +32,7 @@ LAUNCHING = [
     "tests/engine/test_invariant.py::test_the_gptq_kernel_computes_each_row_alike_whatever_the_rows",
     "tests/engine/test_invariant.py::test_the_dense_kernel_computes_each_row_alike_whatever_the_rows",
     "tests/engine/test_invariant.py::test_the_log_softmax_kernel_scores_each_row_alike_whatever_the_rows",
+    "tests/engine/test_mlp_kernels.py::test_silu_mul_computes_the_eager_arithmetic",
 ]
 
 pytestmark = [
