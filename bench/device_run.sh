@@ -127,6 +127,22 @@ helm_after_before() {  # helm_after_before LIMIT: the HELM-ordered mix, this tre
         --label before --orders helm --baseline-samples 0 --checkpoint "$CKPT" --out "$OUT"
 }
 
+checkpoint_start() {  # the 14B checkpoint built in the background, beside the tests
+    (python3 -c "$CHECKPOINT" >/tmp/checkpoint.log 2>&1; echo "checkpoint rc=$?" >>/tmp/checkpoint.log) &
+    CKPT_PID=$!
+}
+
+checkpoint_join() {
+    wait "$CKPT_PID"
+    echo "=== $(tail -1 /tmp/checkpoint.log) (at $((SECONDS - t0))s)" | tee -a "$LOG"
+}
+
+batch1_prev() {  # batch1_prev LIMIT: decode.py at one request, profiled, for .prev/src
+    prev decode-prev "$1" env PYTHONPATH=".prev/src:$PYTHONPATH" python3 bench/decode.py \
+        --prompt-lengths 128 --variants fused --batches 1 --profile --no-transformers \
+        --variant-timeout $(($1 - 5)) --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT/prev"
+}
+
 ready() {  # the 14B checkpoint (kept on a warm machine) and the Marlin build, before timing
     step checkpoint 120 python3 -c "$CHECKPOINT"
     wait_marlin
@@ -140,16 +156,12 @@ for phase in "$@"; do
         ;;
     check)  # about 450 s on a fresh machine: every CUDA test of the engine (the GPTQ ones wait
         # for Marlin's build), then batch 1 profiled, for this tree and .prev/src
-        (python3 -c "$CHECKPOINT" >/tmp/checkpoint.log 2>&1; echo "checkpoint rc=$?" >>/tmp/checkpoint.log) &
-        CKPT_PID=$!
+        checkpoint_start
         step cuda-tests 300 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider
-        wait "$CKPT_PID"
-        echo "=== $(tail -1 /tmp/checkpoint.log) (at $((SECONDS - t0))s)" | tee -a "$LOG"
+        checkpoint_join
         wait_marlin
         batch1 60
-        prev decode-prev 60 env PYTHONPATH=".prev/src:$PYTHONPATH" python3 bench/decode.py \
-            --prompt-lengths 128 --variants fused --batches 1 --profile --no-transformers \
-            --variant-timeout 55 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT/prev"
+        batch1_prev 60
         ;;
     checklite)  # about 150 s, no Marlin: every CUDA test of the engine but the GPTQ and dense ones
         step cuda-tests 200 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider \
@@ -157,17 +169,13 @@ for phase in "$@"; do
         ;;
     checkspeed)  # about 330 s: the CUDA tests but the GPTQ and dense ones (beside Marlin's
         # build), then batch 1 profiled for this tree and .prev/src
-        (python3 -c "$CHECKPOINT" >/tmp/checkpoint.log 2>&1; echo "checkpoint rc=$?" >>/tmp/checkpoint.log) &
-        CKPT_PID=$!
+        checkpoint_start
         step cuda-tests 150 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider \
             -k "not gptq and not dense"
-        wait "$CKPT_PID"
-        echo "=== $(tail -1 /tmp/checkpoint.log) (at $((SECONDS - t0))s)" | tee -a "$LOG"
+        checkpoint_join
         wait_marlin
         batch1 45
-        prev decode-prev 45 env PYTHONPATH=".prev/src:$PYTHONPATH" python3 bench/decode.py \
-            --prompt-lengths 128 --variants fused --batches 1 --profile --no-transformers \
-            --variant-timeout 40 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT/prev"
+        batch1_prev 45
         ;;
     decode)
         ready
@@ -245,8 +253,7 @@ for phase in "$@"; do
             --variants "" --batches 1 --peer-timeout 410 --checkpoint "$CKPT/shape-qwen14b" \
             --out "$OUT/peer" >"$OUT/peer.log" 2>&1) &
         PEER_PID=$!
-        (python3 -c "$CHECKPOINT" >/tmp/checkpoint.log 2>&1; echo "checkpoint rc=$?" >>/tmp/checkpoint.log) &
-        CKPT_PID=$!
+        checkpoint_start
         step cuda-tests 180 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider \
             -k "not gptq and not dense"
         step peer-compile 240 bash -c "until grep -q waiting '$OUT/peer/decode-transformers.json' \
@@ -259,8 +266,7 @@ for phase in "$@"; do
             echo "=== peer: not compiled in time, stopped (at $((SECONDS - t0))s)" | tee -a "$LOG"
         fi
         cat "$OUT/peer/decode-transformers.json" >>"$LOG"
-        wait "$CKPT_PID"
-        echo "=== $(tail -1 /tmp/checkpoint.log) (at $((SECONDS - t0))s)" | tee -a "$LOG"
+        checkpoint_join
         wait_marlin
         step cuda-tests-marlin 90 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider \
             -k "gptq or dense"
@@ -270,11 +276,9 @@ for phase in "$@"; do
     closing)  # about 560 s on a fresh machine: the CUDA tests of attention, speculation, batching,
         # sampling and generation; batch 1 profiled; helm_mix after, before; batch 1 of another
         # tree in .prev/src (git archive REV src | tar -x -C .prev)
-        (python3 -c "$CHECKPOINT" >/tmp/checkpoint.log 2>&1; echo "checkpoint rc=$?" >>/tmp/checkpoint.log) &
-        CKPT_PID=$!
+        checkpoint_start
         engine_tests 150
-        wait "$CKPT_PID"
-        echo "=== $(tail -1 /tmp/checkpoint.log) (at $((SECONDS - t0))s)" | tee -a "$LOG"
+        checkpoint_join
         wait_marlin
         batch1 90
         helm_after_before 70
@@ -286,18 +290,14 @@ for phase in "$@"; do
         # of .prev/src (beside Marlin's build); helm_mix after (each scenario's steps traced),
         # before; batch 1 profiled of .prev/src; helm_mix with sampled drafts, without drafts
         # (k = 0); batch 1
-        (python3 -c "$CHECKPOINT" >/tmp/checkpoint.log 2>&1; echo "checkpoint rc=$?" >>/tmp/checkpoint.log) &
-        CKPT_PID=$!
+        checkpoint_start
         engine_tests 150
         prev cuda-tests-prev 60 env PYTHONPATH=".prev/src:$PYTHONPATH" python3 -m pytest \
             tests/engine/test_attention.py -m cuda -q -p no:cacheprovider
-        wait "$CKPT_PID"
-        echo "=== $(tail -1 /tmp/checkpoint.log) (at $((SECONDS - t0))s)" | tee -a "$LOG"
+        checkpoint_join
         wait_marlin
         helm_after_before 60
-        prev decode-prev 60 env PYTHONPATH=".prev/src:$PYTHONPATH" python3 bench/decode.py \
-            --prompt-lengths 128 --variants fused --batches 1 --profile --no-transformers \
-            --variant-timeout 55 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT/prev"
+        batch1_prev 60
         step mix-sampled 60 python3 bench/helm_mix.py --label sampled --orders helm \
             --baseline-samples 0 --engine-args '{"speculate_sampled": true}' --checkpoint "$CKPT" \
             --out "$OUT"
@@ -306,12 +306,10 @@ for phase in "$@"; do
         batch1 60
         ;;
     sampled)  # about 400 s on a fresh machine
-        (python3 -c "$CHECKPOINT" >/tmp/checkpoint.log 2>&1; echo "checkpoint rc=$?" >>/tmp/checkpoint.log) &
-        CKPT_PID=$!
+        checkpoint_start
         step cuda-tests 120 python3 -m pytest tests/engine/test_speculate.py \
             tests/engine/test_batching.py tests/engine/test_sampling.py -m cuda -q -p no:cacheprovider
-        wait "$CKPT_PID"
-        echo "=== $(tail -1 /tmp/checkpoint.log) (at $((SECONDS - t0))s)" | tee -a "$LOG"
+        checkpoint_join
         wait_marlin
         step mix-after 70 python3 bench/helm_mix.py --label after --orders helm --baseline-samples 0 \
             --checkpoint "$CKPT" --out "$OUT"
