@@ -127,6 +127,12 @@ helm_after_before() {  # helm_after_before LIMIT: the HELM-ordered mix, this tre
         --label before --orders helm --baseline-samples 0 --checkpoint "$CKPT" --out "$OUT"
 }
 
+marlin_free_tests() {  # marlin_free_tests LIMIT: every CUDA test of the engine but the GPTQ
+    # and dense-prefill ones (those need Marlin)
+    step cuda-tests "$1" python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider \
+        -k "not gptq and not dense"
+}
+
 checkpoint_start() {  # the 14B checkpoint built in the background, beside the tests
     (python3 -c "$CHECKPOINT" >/tmp/checkpoint.log 2>&1; echo "checkpoint rc=$?" >>/tmp/checkpoint.log) &
     CKPT_PID=$!
@@ -164,14 +170,12 @@ for phase in "$@"; do
         batch1_prev 60
         ;;
     checklite)  # about 150 s, no Marlin: every CUDA test of the engine but the GPTQ and dense ones
-        step cuda-tests 200 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider \
-            -k "not gptq and not dense"
+        marlin_free_tests 200
         ;;
     checkspeed)  # about 330 s: the CUDA tests but the GPTQ and dense ones (beside Marlin's
         # build), then batch 1 profiled for this tree and .prev/src
         checkpoint_start
-        step cuda-tests 150 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider \
-            -k "not gptq and not dense"
+        marlin_free_tests 150
         checkpoint_join
         wait_marlin
         batch1 45
@@ -229,8 +233,7 @@ for phase in "$@"; do
         ;;
     dense)  # about 500 s: CUDA tests, prefill per chunk on Marlin and on dequantized weights,
         # helm_mix: the defaults, then before (.old/src)
-        step cuda-tests 100 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider \
-            -k "not gptq and not dense"
+        marlin_free_tests 100
         ready
         step cuda-tests-marlin 90 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider \
             -k "gptq or dense"
@@ -254,8 +257,7 @@ for phase in "$@"; do
             --out "$OUT/peer" >"$OUT/peer.log" 2>&1) &
         PEER_PID=$!
         checkpoint_start
-        step cuda-tests 180 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider \
-            -k "not gptq and not dense"
+        marlin_free_tests 180
         step peer-compile 240 bash -c "until grep -q waiting '$OUT/peer/decode-transformers.json' \
             2>/dev/null || ! kill -0 $PEER_PID 2>/dev/null; do sleep 2; done"
         if grep -q waiting "$OUT/peer/decode-transformers.json" 2>/dev/null; then
