@@ -138,6 +138,32 @@ def time_batch(engine, prompt: str, rows: int, new_tokens: int) -> dict:
     return {"rows": rows, "step_ms": 1e3 * seconds / steps, "decode_tok_s": rows * steps / seconds}
 
 
+# A pause of the GPU at least this long lies between two passes (the host choosing, recording and
+# launching the next step); shorter ones lie between two kernels of one pass.
+HOST_GAP_US = 40.0
+
+
+def gpu_timeline(intervals: list[tuple[float, float]], steps: int) -> dict:
+    """Per step, from the kernels' (start, end) in microseconds: time some kernel ran, pauses
+    between kernels of a pass (< HOST_GAP_US) and pauses between passes (the host's turn)."""
+    busy = short = long = 0.0
+    reach = None  # where the kernels so far end
+    for start, end in sorted(intervals):
+        if reach is not None and start > reach:
+            if start - reach < HOST_GAP_US:
+                short += start - reach
+            else:
+                long += start - reach
+        if reach is None or end > reach:
+            busy += end - (start if reach is None else max(start, reach))
+            reach = end
+    return {
+        "busy_ms_per_step": busy / 1e3 / steps,
+        "between_kernels_ms_per_step": short / 1e3 / steps,
+        "between_passes_ms_per_step": long / 1e3 / steps,
+    }
+
+
 def profile_decode(engine, prompt: str, steps: int = 16) -> dict:
     """One request decoding: wall time per step, and the profiler's kernels per step."""
     from concurrent.futures import Future
@@ -181,7 +207,12 @@ def profile_decode(engine, prompt: str, steps: int = 16) -> dict:
             }
         )
     kernels.sort(key=lambda k: -k["us_per_step"])
-    return {
+    intervals = [
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if not str(getattr(e, "device_type", "")).endswith("CPU") and e.time_range.end > 0
+    ]
+    return gpu_timeline(intervals, steps) | {
         "wall_ms_per_step": wall_ms,
         "kernel_ms_per_step": sum(k["us_per_step"] for k in kernels) / 1e3,
         "launches_per_step": sum(k["calls_per_step"] for k in kernels),
@@ -515,7 +546,10 @@ def print_table(result: dict) -> None:
         print(
             f"\nprofile ({name}, 1 request): {profile['wall_ms_per_step']:.2f} ms/step wall, "
             f"{profile['kernel_ms_per_step']:.2f} ms of kernels, "
-            f"{profile['launches_per_step']:.0f} kernels per step"
+            f"{profile['launches_per_step']:.0f} kernels per step; GPU busy "
+            f"{profile['busy_ms_per_step']:.2f} ms, idle between kernels "
+            f"{profile['between_kernels_ms_per_step']:.2f} ms, between passes "
+            f"{profile['between_passes_ms_per_step']:.2f} ms"
         )
         # Every kernel of the first variant; of the others, the attention kernels they change.
         top = profile["top"] if i == 0 else [k for k in profile["top"] if "_decode" in k["name"]]

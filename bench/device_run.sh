@@ -7,6 +7,7 @@
 #   bash bench/device_run.sh checklite # the same CUDA tests but the GPTQ and dense ones (no Marlin)
 #   bash bench/device_run.sh checkspeed # checklite's tests beside Marlin's build, then batch 1
 #                                       # profiled for this tree and .prev/src
+#   bash bench/device_run.sh timeline # batch 1 profiled: kernels, pauses inside and between passes
 #   bash bench/device_run.sh mix      # helm_mix: this tree, then the tree in .old/src (before)
 #   bash bench/device_run.sh speed    # generate() baselines, decode.py
 #   bash bench/device_run.sh variants # helm_mix with the defaults, --prefill-chunk 2048, int8 KV
@@ -168,6 +169,11 @@ for phase in "$@"; do
         wait_marlin
         batch1 60
         batch1_prev 60
+        ;;
+    timeline)  # about 250 s on a fresh machine: batch 1 profiled, its GPU time split into
+        # kernels, pauses inside a pass and pauses between passes
+        ready
+        batch1 60
         ;;
     checklite)  # about 150 s, no Marlin: every CUDA test of the engine but the GPTQ and dense ones
         marlin_free_tests 200
