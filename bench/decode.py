@@ -48,6 +48,7 @@ VARIANTS = {
     "fused": {},
     "unfused": {"fuse": False},
     "deterministic": {"deterministic": True},
+    "in-order": {"overlap": False},  # each step recorded before the next is launched
 } | dict.fromkeys(KERNEL_CONSTANTS, {})
 
 

@@ -7,6 +7,9 @@
 #   bash bench/device_run.sh checklite # the same CUDA tests but the GPTQ and dense ones (no Marlin)
 #   bash bench/device_run.sh checkspeed # checklite's tests beside Marlin's build, then batch 1
 #                                       # profiled for this tree and .prev/src
+#   bash bench/device_run.sh overlap  # every CUDA test of the engine, then decode.py at 1, 4 and 16
+#                                     # rows, overlapped (the default) and in order, profiled
+#   bash bench/device_run.sh overlapmix # helm_mix: overlapped (the default), then in order
 #   bash bench/device_run.sh timeline # batch 1 profiled: kernels, pauses inside and between passes
 #   bash bench/device_run.sh mix      # helm_mix: this tree, then the tree in .old/src (before)
 #   bash bench/device_run.sh speed    # generate() baselines, decode.py
@@ -169,6 +172,23 @@ for phase in "$@"; do
         wait_marlin
         batch1 60
         batch1_prev 60
+        ;;
+    overlap)  # about 500 s on a fresh machine: every CUDA test of the engine (the GPTQ ones wait
+        # for Marlin's build), then decode.py overlapped and in order, one call
+        checkpoint_start
+        step cuda-tests 300 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider
+        checkpoint_join
+        wait_marlin
+        step decode 220 python3 bench/decode.py --prompt-lengths 128 --variants fused,in-order \
+            --batches 1,4,16 --profile --no-transformers --variant-timeout 105 \
+            --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
+        ;;
+    overlapmix)  # helm_mix: overlapped (the default), then in order
+        ready
+        step mix-after 130 python3 bench/helm_mix.py --label after --orders helm --baseline-samples 0 \
+            --checkpoint "$CKPT" --out "$OUT"
+        step mix-in-order 130 python3 bench/helm_mix.py --label in-order --orders helm \
+            --baseline-samples 0 --engine-args '{"overlap": false}' --checkpoint "$CKPT" --out "$OUT"
         ;;
     timeline)  # about 250 s on a fresh machine: batch 1 profiled, its GPU time split into
         # kernels, pauses inside a pass and pauses between passes

@@ -163,6 +163,12 @@ class ServeSettings(JobSettings):
         description="verify every draft, even when what a request's drafts kept so far says "
         "the wider pass will not pay for itself (for measuring what drafts keep)",
     )
+    overlap: bool | None = Field(
+        ENGINE.overlap,
+        description="launch each plain decode step from the tokens the step before chose on "
+        "the device, and record that step while the new one runs (same tokens, the host's turn "
+        "hidden); unset: on a CUDA GPU, off on the CPU (where nothing runs beside the host)",
+    )
     max_queue: int = Field(256, ge=1, description="requests allowed to wait; more get 503")
     request_timeout_s: float = Field(
         1800, gt=0, description="a request still unanswered after this gets 503 and is dropped"

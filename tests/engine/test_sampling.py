@@ -169,3 +169,31 @@ def test_rows_chosen_in_one_batch_are_those_chosen_alone(device):
     alone = [int(choose(logits[i : i + 1], [r])[0]) for i, r in enumerate(rows)]
     assert together == alone
     assert together[4] != 0 and together[0] == int(logits[0].argmax())
+
+
+@pytest.mark.parametrize(
+    ("temperature", "scored", "min_new_tokens", "ahead"),
+    [
+        (0.7, 3, 1, 1),  # sampled: drawn as the 5th token, not the 4th
+        (0.7, 0, 1, 2),
+        (0.0, 1, 3, 1),  # greedy: end-of-text still suppressed (token 3 of 3)
+        (0.0, 2, 3, 1),  # greedy: token 4, past min_new_tokens, may end
+    ],
+)
+def test_a_choice_ahead_is_the_one_made_once_the_tokens_in_flight_are_recorded(
+    temperature, scored, min_new_tokens, ahead
+):
+    """`ahead` counts tokens chosen but not recorded (an overlapped step): the choice is the
+    one the request makes with those recorded, for the draw index and for suppression alike."""
+    logits = torch.randn(1, 64, generator=torch.Generator().manual_seed(5))
+    logits[0, 0] = 50.0  # end-of-text (id 0) is the argmax unless suppressed
+    before = row(temperature, seed=4, scored=scored, min_new_tokens=min_new_tokens)
+    after = row(temperature, seed=4, scored=scored + ahead, min_new_tokens=min_new_tokens)
+    now = row(temperature, seed=4, scored=scored, min_new_tokens=min_new_tokens)
+    got = choose(logits, [before], ahead=ahead)
+    assert torch.equal(got, choose(logits, [after]))
+    if temperature:  # a different index draws different noise: `ahead` is not ignored
+        draws = {int(choose(logits * 0.01, [now], ahead=a)[0]) for a in range(8)}
+        assert len(draws) > 1
+    else:
+        assert (int(got[0]) == 0) is (scored + ahead >= min_new_tokens)

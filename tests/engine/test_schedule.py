@@ -300,3 +300,24 @@ def test_after_an_out_of_memory_fewer_run_at_once_and_clean_finishes_give_it_bac
     for _ in range(10 * RECOVER_AFTER):
         s.finished()
     assert s.batch_limit == s.max_batch == 4  # ... never past --max-batch
+
+
+@pytest.mark.parametrize(
+    ("computed", "table", "free", "ok", "grown"),
+    [
+        (5, 2, 0, True, 2),  # position 5 lies in block 1, held already: nothing taken
+        (7, 2, 0, True, 2),  # the last position of the last block held
+        (8, 2, 3, True, 3),  # position 8 starts block 2: one more block
+        (8, 2, 0, False, 2),  # none free: refused, nothing taken, nobody preempted
+    ],
+)
+def test_extend_takes_the_next_positions_block_only_when_one_is_free(
+    computed, table, free, ok, grown
+):
+    s = scheduler(table + free + 1)  # + the null block
+    item = seq(0, list(range(computed)))
+    item.table = s.pool.allocate(table)
+    item.computed = computed
+    assert s.extend(item) is ok
+    assert len(item.table) == grown
+    assert s.pool.available == free - (grown - table)

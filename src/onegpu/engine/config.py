@@ -52,6 +52,11 @@ class EngineConfig:
     # Verify every draft, even when the requests' earlier drafts say it will not pay
     # (`speculate.worth_verifying`): for tests and for measuring what drafts keep.
     speculate_always: bool = False
+    # Launch a decode step before recording the one in flight, its tokens taken on the device:
+    # the host's turn (scoring, recording, staging the next pass) overlaps the device's pass.
+    # None: on a CUDA GPU, off on the CPU (where nothing runs beside the host: no gain, and a
+    # wasted pass each time a request ends).
+    overlap: bool | None = None
 
 
 # On an H100 a decode row of 5 positions cost 1.08x a row of one, and 10 rows of 4 positions
@@ -66,6 +71,11 @@ def speculative_tokens_for(config: EngineConfig, device_type: str) -> int:
     if config.speculative_tokens is not None:
         return config.speculative_tokens
     return SPECULATIVE_TOKENS_CUDA if device_type == "cuda" else 0
+
+
+def overlap_for(config: EngineConfig, device_type: str) -> bool:
+    """Whether an engine on `device_type` overlaps a decode step's recording with the next."""
+    return config.overlap if config.overlap is not None else device_type == "cuda"
 
 
 # Rows from which a prefill pass runs on dequantized weights (dense_prefill.py). H100, 14B-shaped

@@ -137,17 +137,41 @@ class _Inputs:
             ],
             1,
         )
+        # On a GPU, `data` goes through page-locked buffers, taken in turn: a copy from them
+        # never waits for the passes queued before it (the engine stages a pass while another
+        # runs). Each is rewritten only once its last copy is done (its event).
+        self._host: list[tuple[torch.Tensor, torch.cuda.Event]] = []
+        if device.type == "cuda":
+            shape = tuple(self.staged.shape)
+            self._host = [
+                (torch.zeros(shape, dtype=torch.int64, pin_memory=True), torch.cuda.Event())
+                for _ in range(2)
+            ]
+        self._turn = 0
 
     def fill(self, data: list[list[int]]) -> None:
         """Stage `data` (one list per row, as laid out above) into the first len(data) rows."""
         size, width = len(data), self.width
         staged = self.staged[:size]
-        staged.copy_(torch.tensor(data, dtype=torch.int64), non_blocking=True)
+        source = torch.tensor(data, dtype=torch.int64)
+        if self._host:
+            buffer, copied = self._host[self._turn]
+            self._turn = 1 - self._turn
+            copied.synchronize()
+            source = buffer[:size].copy_(source)
+        staged.copy_(source, non_blocking=True)
+        if self._host:
+            copied.record()
         self.ids[:size].copy_(staged[:, :width])
         self.positions[:size].copy_(staged[:, width : 2 * width])
         self.slots[: size * width].copy_(staged[:, 2 * width : 3 * width].reshape(-1))
         self.lengths[:size].copy_(staged[:, 3 * width])
         self.tables[:size].copy_(staged[:, 3 * width + 1 :])
+
+    def feed(self, chosen: torch.Tensor, count: int) -> None:
+        """The first `count` rows feed tokens chosen on the device by a step not yet recorded:
+        each row's staged token is its index into `chosen` (one position per row)."""
+        self.ids[:count, 0] = chosen[self.staged[:count, 0]]
 
     def clear(self, size: int, null_slot: int, table: list[int]) -> None:
         """Padding rows in the first `size` rows (see `_padding`)."""
@@ -263,9 +287,12 @@ class Forward:
 
     # -- decode ---------------------------------------------------------------------------------
 
-    def decode(self, rows: list[Row]) -> torch.Tensor:
-        """One token for each of `rows` (no draft); their next-token logits [len(rows), V]."""
-        return self._run(rows, 1)[:, 0]
+    def decode(self, rows: list[Row], chosen: torch.Tensor | None = None) -> torch.Tensor:
+        """One token for each of `rows` (no draft); their next-token logits [len(rows), V].
+
+        With `chosen` (token ids on the device, from a step whose tokens are not recorded yet),
+        a row's one token is an index into `chosen`, and the pass feeds the token there."""
+        return self._run(rows, 1, chosen)[:, 0]
 
     def verify(self, rows: list[Row]) -> list[torch.Tensor]:
         """Each row's last token and its draft in one pass; per row, the logits [len(tokens),
@@ -293,7 +320,7 @@ class Forward:
         bucket = bucket_of(rows, self.buckets)
         return VERIFY_COST[max(b for b in VERIFY_COST if b <= bucket)]
 
-    def _run(self, rows: list[Row], width: int) -> torch.Tensor:
+    def _run(self, rows: list[Row], width: int, chosen: torch.Tensor | None = None) -> torch.Tensor:
         """`rows` in a pass of `width` positions each; the logits [len(rows), width, V]."""
         count = len(rows)
         size = bucket_of(count, self.buckets) if self.graphs else count
@@ -316,6 +343,8 @@ class Forward:
         data += [_padding(width, null, self._padded([]))] * (size - count)
         inputs = self._inputs_for(width)
         inputs.fill(data)
+        if chosen is not None:
+            inputs.feed(chosen, count)
         if self.graphs:
             graph, logits = self._graphs[size, width]
             graph.replay()

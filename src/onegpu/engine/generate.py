@@ -9,6 +9,10 @@ A step is three moves (`Engine.step`):
 - post-process: tokens are chosen and scored for the whole batch at once (`scoring`) and
   recorded per request (`sequence.Output`); finished requests give their blocks back and get
   their result.
+On a GPU a plain decode step overlaps the next (`overlap`): its tokens stay on the device, the
+next step's pass is launched from them, and only then is the step recorded, while the device
+runs that pass. A step that needs the host's decisions first (a request to start or cancel, a
+draft to verify, a block to find) lands the step in flight and runs the three moves in order.
 A failure in a pass fails the requests in it, not the engine; a GPU out-of-memory also makes the
 scheduler run fewer requests at once for a while.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from functools import partial
 from itertools import accumulate
 
@@ -25,12 +30,12 @@ import torch
 
 from onegpu.device import cuda_memory
 from onegpu.engine.blocks import BlockPool
-from onegpu.engine.config import EngineConfig, speculative_tokens_for
+from onegpu.engine.config import EngineConfig, overlap_for, speculative_tokens_for
 from onegpu.engine.failures import Guard
 from onegpu.engine.forward import Chunk, Forward, Row
 from onegpu.engine.kvcache import PagedKVCache
 from onegpu.engine.schedule import Scheduler
-from onegpu.engine.scoring import choose, choose_run, prompt_scores, score
+from onegpu.engine.scoring import Scores, choose, choose_run, prompt_scores, score
 from onegpu.engine.sequence import Output, Scored, log_done, start
 from onegpu.engine.sequence import Sequence as Running
 from onegpu.engine.speculate import Speculation
@@ -50,6 +55,17 @@ log = logging.getLogger(__name__)
 
 def _never() -> bool:
     return False
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A plain decode step launched and not yet recorded: its sequences, the token chosen for
+    each (ids on the device, which the next step may feed before they are read) and their
+    scores, read when the step lands."""
+
+    seqs: list[Running]
+    chosen: torch.Tensor
+    scores: Scores
 
 
 class Engine:
@@ -107,8 +123,12 @@ class Engine:
             always=config.speculate_always,
         )
         self.guard = Guard(self.scheduler, self._release)  # runs each pass, contains its failure
+        self.overlap = overlap_for(config, self.device.type)
+        self._in_flight: _InFlight | None = None
+        self._verify_next = False  # drafts are worth verifying: land before the next step
         self.prompt_tokens = 0
         self.peak_running = 0
+        self.overlapped = 0  # steps launched before the step in flight was recorded
 
     @property
     def fatal(self) -> EngineFatalError | None:
@@ -141,7 +161,7 @@ class Engine:
     @property
     def busy(self) -> bool:
         """Whether any admitted request still waits for a step."""
-        return bool(self.scheduler.running or self.scheduler.waiting)
+        return bool(self.scheduler.running or self.scheduler.waiting or self._in_flight)
 
     @property
     def has_room(self) -> bool:
@@ -150,7 +170,11 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         """Counters for metrics and benchmarks."""
-        engine = {"running": self.running, "peak_running": self.peak_running}
+        engine = {
+            "running": self.running,
+            "peak_running": self.peak_running,
+            "overlapped_steps": self.overlapped,
+        }
         counts = {"prompt_tokens": self.prompt_tokens} | self.speculation.stats()
         return engine | counts | self.scheduler.stats()
 
@@ -215,7 +239,12 @@ class Engine:
         self.scheduler.add(seq)
 
     def step(self) -> None:
-        """One step: schedule, run the prefill and the decode it planned, post-process."""
+        """One step: schedule, run the prefill and the decode it planned, post-process; or,
+        while a plain decode step is in flight, the next one overlapped with it (`_chain`)."""
+        if self._in_flight is not None and self._chain():
+            return
+        self._land()
+        self._verify_next = False
         for seq in [*self.scheduler.waiting, *self.scheduler.running]:
             if seq.output.cancelled():
                 self._release(seq, RequestCancelledError("the request was cancelled"))
@@ -260,7 +289,67 @@ class Engine:
         logits = self.forward.decode(rows)  # [n, V]
         for seq in seqs:
             self.scheduler.computed(seq, 1)
-        self._advance(seqs, logits, [1] * len(seqs))
+        launched = self._launch(seqs, logits)
+        if self.overlap:
+            self._in_flight = launched
+        else:
+            self._record(launched)
+
+    def _chain(self) -> bool:
+        """Launch the next decode step of the sequences in flight, each fed the token chosen
+        for it on the device, then land the step in flight while the device runs the new one.
+
+        Not when the next step needs the host's decisions first: a request waits with room
+        to start or was cancelled, drafts are worth verifying, or a position lacks a cache
+        block and none is free. Then nothing is done: False. Those whose token in flight is
+        their last by length get no row; those that end otherwise (a stop, end-of-text) waste
+        theirs."""
+        flight, scheduler = self._in_flight, self.scheduler
+        if scheduler.waiting and len(scheduler.running) < scheduler.batch_limit:
+            return False  # a request could start: in order
+        if self._verify_next:
+            return False
+        if any(seq.output.cancelled() for seq in flight.seqs):
+            return False
+        going = [
+            (index, seq)
+            for index, seq in enumerate(flight.seqs)
+            if not seq.output.future.done()
+            and len(seq.output.scored) + 1 < seq.output.request.max_new_tokens
+        ]
+        if not going or not all(self.scheduler.extend(seq) for _, seq in going):
+            return False
+        seqs = [seq for _, seq in going]
+        rows = [Row(seq.key, [index], seq.computed, seq.table) for index, seq in going]
+        launched: list[_InFlight] = []
+
+        def launch() -> None:
+            logits = self.forward.decode(rows, chosen=flight.chosen)
+            launched.append(self._launch(seqs, logits, ahead=1))
+
+        self.guard(seqs, launch)
+        self._land()
+        if launched:
+            self.overlapped += 1
+            for seq in seqs:
+                if not seq.output.future.done():  # its token in flight is in `ids` now
+                    self.scheduler.computed(seq, 1)
+            self._in_flight = launched[0]
+        self._verify_next = self._drafts_worth_verifying()
+        return True
+
+    def _drafts_worth_verifying(self) -> bool:
+        """With speculation: whether the running sequences' drafts are worth a verifying step
+        now (the next step then lands the one in flight to draft from its tokens). Drafts not
+        worth it are held back to be judged against what comes, as in a step in order."""
+        if not self.speculation.k:
+            return False
+        running = self.scheduler.running
+        self.speculation.draft(running)
+        worth = any(seq.draft for seq in running)
+        for seq in running:
+            seq.draft = []
+        return worth
 
     def _verify(self, seqs: list[Running]) -> None:
         """One packed pass over each sequence's last token and its draft (`speculate`); those
@@ -272,27 +361,51 @@ class Engine:
 
     # -- post-process ---------------------------------------------------------------------------
 
+    def _launch(self, seqs: list[Running], logits: torch.Tensor, *, ahead: int = 0) -> _InFlight:
+        """Choose each sequence's next token from its row of `logits` [n, V] and launch their
+        scores, waiting for nothing (`ahead`: tokens each has in flight, see `choose`)."""
+        chosen = choose(logits, [seq.output for seq in seqs], ahead=ahead)
+        alternatives = max(seq.output.alternatives for seq in seqs)
+        scores = Scores(logits, chosen, alternatives, invariant=self.config.deterministic)
+        return _InFlight(seqs, chosen, scores)
+
+    def _land(self) -> None:
+        """Record the step in flight, if any."""
+        flight, self._in_flight = self._in_flight, None
+        if flight is not None:
+            self.guard(flight.seqs, partial(self._record, flight))
+
+    def _record(self, step: _InFlight) -> None:
+        """Record a plain step's tokens, once the device has them: each sequence's, unless it
+        ended before (a wasted row of an overlapped step)."""
+        scored = step.scores.read(self.text.piece)
+        for seq, item in zip(step.seqs, scored, strict=True):
+            if not seq.output.future.done():
+                self.speculation.observe(seq, item.token_id)
+                self._take(seq, [item])
+
     def _advance(self, seqs: list[Running], logits: torch.Tensor, counts: list[int]) -> None:
         """Choose, score and record each sequence's new tokens from its `counts[i]` rows of
         `logits` [sum(counts), V]: one row, or a draft's positions and the one after them.
 
         Every position is chosen and scored before any draft is judged, so that a step waits
         for the device once, not once per drafted row."""
-        starts = list(accumulate(counts, initial=0))
         if all(count == 1 for count in counts):  # one token each, chosen together
-            targets = choose(logits, [seq.output for seq in seqs])
-        else:  # a draft's run as `choose_run` picks it, the others as a plain step would
-            runs = [logits[starts[i] : starts[i + 1]] for i in range(len(seqs))]
-            plain = [i for i, count in enumerate(counts) if count == 1]
-            picked = {}
-            if plain:
-                rows = torch.cat([runs[i] for i in plain])
-                chosen = choose(rows, [seqs[i].output for i in plain])
-                picked = dict(zip(plain, chosen.split(1), strict=True))
-            targets = torch.cat(
-                [picked[i] if i in picked else choose_run(run, seqs[i].output)
-                 for i, run in enumerate(runs)]
-            )  # fmt: skip
+            self._record(self._launch(seqs, logits))
+            return
+        # A draft's run as `choose_run` picks it, the others as a plain step would.
+        starts = list(accumulate(counts, initial=0))
+        runs = [logits[starts[i] : starts[i + 1]] for i in range(len(seqs))]
+        plain = [i for i, count in enumerate(counts) if count == 1]
+        picked = {}
+        if plain:
+            rows = torch.cat([runs[i] for i in plain])
+            chosen = choose(rows, [seqs[i].output for i in plain])
+            picked = dict(zip(plain, chosen.split(1), strict=True))
+        targets = torch.cat(
+            [picked[i] if i in picked else choose_run(run, seqs[i].output)
+             for i, run in enumerate(runs)]
+        )  # fmt: skip
         scored = self._score(logits, targets, max(seq.output.alternatives for seq in seqs))
         for i, seq in enumerate(seqs):
             items = scored[starts[i] : starts[i + 1]]

@@ -28,10 +28,19 @@ def gather_logprobs(
     """Score `targets` under `logits`, and list the `k` most likely tokens at each position.
 
     logits: [T, V] raw model output; targets: [T] token ids (on the logits' device or not).
-    Everything is computed where the logits are and copied to the host in one transfer: the
-    decode loop's only wait for the GPU. All values are finite. `invariant`: each row's numbers
-    do not depend on the other rows (--deterministic; on CUDA, a Triton kernel per row).
+    Everything is computed where the logits are and copied to the host in one transfer. All
+    values are finite. `invariant`: each row's numbers do not depend on the other rows
+    (--deterministic; on CUDA, a Triton kernel per row).
     """
+    return unpack(pack_logprobs(logits, targets, k, invariant=invariant).cpu())
+
+
+def pack_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, k: int, *, invariant: bool = False
+) -> torch.Tensor:
+    """`gather_logprobs`'s numbers where the logits are, not yet copied: [T, 2 + 2 * k'] of
+    float64 (k' = k, or the vocabulary if smaller), read by `unpack`. Launches kernels only,
+    never waits for the device."""
     if invariant and logits.is_cuda:
         from onegpu.engine.invariant_kernels import log_softmax
 
@@ -47,10 +56,14 @@ def gather_logprobs(
     else:
         top_values, top_ids = torch.topk(logp, k=min(k, logp.shape[-1]), dim=-1)  # [T, k]
     # float64 holds both the float32 values and the ids exactly: one copy for all four.
-    packed = torch.cat(
+    return torch.cat(
         [targets[:, None].double(), chosen.double(), top_values.double(), top_ids.double()], 1
-    ).cpu()
-    width = top_values.shape[-1]
+    )
+
+
+def unpack(packed: torch.Tensor) -> Gathered:
+    """`pack_logprobs`'s numbers, on the host, as a `Gathered`."""
+    width = (packed.shape[-1] - 2) // 2
     return Gathered(
         targets=packed[:, 0].long(),
         chosen=packed[:, 1].float(),

@@ -52,14 +52,22 @@ def gumbel(
     return -torch.log(-torch.log(torch.stack(rows)))  # u = 0 gives -inf: never drawn
 
 
+def indices(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """`values` as int64 ids on `device`, without waiting for it: on a GPU through page-locked
+    memory (a list index, or a plain copy, would wait for every queued kernel first, and the
+    engine queues the next pass before it reads this one's tokens)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.int64, device=device)
+    host = torch.tensor(values, dtype=torch.int64, pin_memory=True)
+    return host.to(device, non_blocking=True)
+
+
 def suppress(logits: torch.Tensor, token_ids: Iterable[int]) -> torch.Tensor:
     """`logits` [V] with `token_ids` made impossible (end-of-text before min_new_tokens)."""
     ids = [i for i in token_ids if 0 <= i < logits.shape[-1]]
     if not ids:
         return logits
-    out = logits.clone()
-    out[ids] = float("-inf")
-    return out
+    return logits.index_fill(-1, indices(ids, logits.device), float("-inf"))
 
 
 def warp(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float) -> torch.Tensor:

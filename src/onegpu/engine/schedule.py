@@ -144,6 +144,18 @@ class Scheduler:
             self.pool.computed(seq.table[index])
         seq.published = max(seq.published, full)
 
+    def extend(self, seq: Sequence) -> bool:
+        """Make room for `seq`'s next position, for a decode step launched before the one in
+        flight is recorded (`Engine`): its block, if it lacks it and one is free. False when
+        none is: preempting is for `plan`, between steps."""
+        if seq.computed // self.pool.block_size < len(seq.table):
+            return True
+        try:
+            seq.table += self.pool.allocate(1)
+        except OutOfBlocks:
+            return False
+        return True
+
     # -- the rules ------------------------------------------------------------------------------
 
     def _grow(self, plan: Plan) -> None:

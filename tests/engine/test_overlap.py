@@ -1,0 +1,149 @@
+"""Overlapped decode steps: launched from tokens still on the device, recorded while the next
+runs, and giving every request exactly what steps in order give."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+import pytest
+
+from onegpu.engine.config import EngineConfig, overlap_for
+from onegpu.engine.types import GenerationRequest, RequestCancelledError
+from tests.conftest import DEVICES, make_engine
+from tests.engine.conftest import ScriptedLM
+from tests.engine.test_batching import REQUESTS, assert_same, run_interleaved
+from tests.engine.test_speculate import CYCLE, bigram_engine, greedy
+
+MIX = [
+    *REQUESTS,
+    GenerationRequest(
+        prompt="Stop at the letter e", max_new_tokens=20, stop_sequences=("e",), seed=5
+    ),
+    GenerationRequest(prompt="Sampled, many", max_new_tokens=16, temperature=1.0, seed=11),
+]
+
+
+@pytest.mark.parametrize(
+    ("overlap", "device_type", "on"),
+    [(None, "cuda", True), (None, "cpu", False), (True, "cpu", True), (False, "cuda", False)],
+)
+def test_overlap_is_on_where_the_device_runs_beside_the_host(overlap, device_type, on):
+    assert overlap_for(EngineConfig(overlap=overlap), device_type) is on
+
+
+def engines(model, tokenizer, device, **config):
+    """The same engine twice: steps in order, and overlapped."""
+    common = {"device": device, "default_stop": (), **config}
+    return (
+        make_engine(model, tokenizer, overlap=False, **common),
+        make_engine(model, tokenizer, overlap=True, **common),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("max_batch", [1, 3])
+def test_overlapped_steps_give_what_steps_in_order_give(
+    device, max_batch, tiny_qwen_model, qwen_tokenizer
+):
+    in_order, overlapped = engines(tiny_qwen_model, qwen_tokenizer, device, max_batch=max_batch)
+    expected = run_interleaved(in_order, MIX, join_every=3)
+    got = run_interleaved(overlapped, MIX, join_every=3)
+    for a, b in zip(expected, got, strict=True):
+        assert_same(a, b)
+    assert in_order.stats()["overlapped_steps"] == 0
+    # Most decode steps overlapped (those after an arrival or before a request's end do not).
+    decoded = sum(c.new_tokens for c in got)
+    assert overlapped.stats()["overlapped_steps"] > decoded // (2 * max_batch)
+    # The wasted rows of requests that stopped gave their blocks back with the rest.
+    assert overlapped.pool.in_use == 0 and not overlapped.busy
+
+
+def script_engine(tokenizer, *, overlap: bool, **config):
+    script = tokenizer.encode(" one two three. four five six. seven")
+    model = ScriptedLM(script, vocab_size=len(tokenizer), eos_id=151643)
+    return make_engine(model, tokenizer, overlap=overlap, default_stop=(), **config)
+
+
+@pytest.mark.parametrize(
+    ("stop", "max_new_tokens", "text", "reason"),
+    [
+        ((".",), 30, " one two three", "stop"),  # a stop sequence: the row after it is wasted
+        ((), 30, " one two three. four five six. seven", "eos"),  # end-of-text ends it
+        ((), 4, " one two three.", "length"),  # by length: no row launched past the last token
+    ],
+)
+def test_an_overlapped_request_ends_where_its_own_tokens_say(
+    stop, max_new_tokens, text, reason, qwen_tokenizer
+):
+    engine = script_engine(qwen_tokenizer, overlap=True)
+    request = GenerationRequest(
+        prompt="Count:", max_new_tokens=max_new_tokens, temperature=0, stop_sequences=stop
+    )
+    completion = engine.generate(request)
+    assert (completion.text, completion.finish_reason) == (text, reason)
+    assert engine.stats()["overlapped_steps"] > 0
+    while engine.busy:  # a wasted step in flight lands without touching the request
+        engine.step()
+    assert engine.pool.in_use == 0
+    again = engine.generate(request)  # the engine carries nothing over from the wasted step
+    assert (again.text, again.token_ids) == (completion.text, completion.token_ids)
+
+
+def test_cancelling_a_request_with_a_step_in_flight_leaves_the_others_untouched(
+    tiny_qwen_model, qwen_tokenizer
+):
+    in_order, engine = engines(tiny_qwen_model, qwen_tokenizer, "cpu", max_batch=3)
+    keep = GenerationRequest(prompt="The quick brown fox", max_new_tokens=12, temperature=0)
+    expected = in_order.generate(keep)
+    drop = GenerationRequest(prompt="Cancel me", max_new_tokens=12, temperature=0)
+    kept, dropped = Future(), Future()
+    for future in (kept, dropped):
+        future.set_running_or_notify_cancel()
+    cancel = {"now": False}
+    engine.admit(keep, kept)
+    engine.admit(drop, dropped, cancelled=lambda: cancel["now"])
+    for _ in range(4):  # the prefill, then decode steps: one in flight now
+        engine.step()
+    assert engine._in_flight is not None and engine.stats()["overlapped_steps"] > 0
+    cancel["now"] = True
+    while not kept.done():
+        engine.step()
+    with pytest.raises(RequestCancelledError):
+        dropped.result()
+    assert_same(expected, kept.result())
+    while engine.busy:
+        engine.step()
+    assert engine.running == 0 and engine.pool.in_use == 0
+
+
+@pytest.mark.parametrize("cycle", [CYCLE, [9707, 1879, 11, 0]])
+def test_overlap_with_speculation_keeps_the_greedy_answer(qwen_tokenizer, cycle):
+    """Drafts are judged in overlapped steps as in steps in order (held back, then compared
+    with the tokens that come), and a step whose drafts are worth verifying lands the step in
+    flight first. The tokens are those of plain decoding either way: with the model walking the
+    prompt's cycle (drafts right) and another order of its tokens (wrong until it repeats)."""
+    request = greedy(CYCLE * 3, max_new_tokens=40, top_k_per_token=2)
+    want = bigram_engine(qwen_tokenizer, 0, cycle=cycle)[0].generate(request)
+    engine, _ = bigram_engine(qwen_tokenizer, 4, cycle=cycle, speculate_always=False, overlap=True)
+    got = engine.generate(request)
+    assert (got.token_ids, got.finish_reason) == (want.token_ids, want.finish_reason)
+    assert [t.top_logprob for t in got.tokens] == [t.top_logprob for t in want.tokens]
+    stats = engine.stats()
+    assert stats["overlapped_steps"] > 0 and stats["speculation_held"] > 0
+    assert stats["speculation_accepted"] > 0  # drafts were verified after overlapped steps
+
+
+def test_with_few_free_blocks_steps_fall_back_to_in_order(tiny_qwen_model, qwen_tokenizer):
+    """A step that would need a block nobody can spare is not overlapped: the scheduler
+    preempts between steps as usual, and every answer is the same."""
+    config = {"max_batch": 3, "max_context": 64, "num_blocks": 7}  # 6 blocks of 16 + the null
+    requests = [
+        GenerationRequest(prompt=f"Request number {i} asks", max_new_tokens=30, temperature=0)
+        for i in range(3)
+    ]
+    in_order, overlapped = engines(tiny_qwen_model, qwen_tokenizer, "cpu", **config)
+    expected = run_interleaved(in_order, requests, join_every=1)
+    got = run_interleaved(overlapped, requests, join_every=1)
+    for a, b in zip(expected, got, strict=True):
+        assert_same(a, b)
+    assert overlapped.scheduler.preemptions > 0 and overlapped.stats()["overlapped_steps"] > 0
