@@ -9,7 +9,8 @@
 #                                       # profiled for this tree and .prev/src
 #   bash bench/device_run.sh overlap  # every CUDA test of the engine, then decode.py at 1, 4 and 16
 #                                     # rows, overlapped (the default) and in order, profiled
-#   bash bench/device_run.sh overlapmix # helm_mix: overlapped (the default), then in order
+#   bash bench/device_run.sh overlapmix # CUDA tests but GPTQ and dense; helm_mix overlapped (the
+#                                       # default), then in order; batch 1 overlapped, in order
 #   bash bench/device_run.sh timeline # batch 1 profiled: kernels, pauses inside and between passes
 #   bash bench/device_run.sh mix      # helm_mix: this tree, then the tree in .old/src (before)
 #   bash bench/device_run.sh speed    # generate() baselines, decode.py
@@ -183,12 +184,19 @@ for phase in "$@"; do
             --batches 1,4,16 --profile --no-transformers --variant-timeout 105 \
             --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
         ;;
-    overlapmix)  # helm_mix: overlapped (the default), then in order
-        ready
+    overlapmix)  # about 550 s on a fresh machine: the CUDA tests but the GPTQ and dense ones
+        # (beside Marlin's build), helm_mix overlapped (the default) and in order, then batch 1
+        checkpoint_start
+        marlin_free_tests 150
+        checkpoint_join
+        wait_marlin
         step mix-after 130 python3 bench/helm_mix.py --label after --orders helm --baseline-samples 0 \
             --checkpoint "$CKPT" --out "$OUT"
         step mix-in-order 130 python3 bench/helm_mix.py --label in-order --orders helm \
             --baseline-samples 0 --engine-args '{"overlap": false}' --checkpoint "$CKPT" --out "$OUT"
+        step decode 100 python3 bench/decode.py --prompt-lengths 128 --variants fused,in-order \
+            --batches 1 --profile --no-transformers --variant-timeout 48 \
+            --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
         ;;
     timeline)  # about 250 s on a fresh machine: batch 1 profiled, its GPU time split into
         # kernels, pauses inside a pass and pauses between passes

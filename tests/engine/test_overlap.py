@@ -147,3 +147,34 @@ def test_with_few_free_blocks_steps_fall_back_to_in_order(tiny_qwen_model, qwen_
     for a, b in zip(expected, got, strict=True):
         assert_same(a, b)
     assert overlapped.scheduler.preemptions > 0 and overlapped.stats()["overlapped_steps"] > 0
+
+
+def test_a_prompt_prefilled_in_chunks_advances_while_another_request_decodes(
+    tiny_qwen_model, qwen_tokenizer
+):
+    """Overlapped steps carry only the requests in flight, so a request still prefilling makes
+    the next step run in order, with every running request: its chunks are not held back
+    until the decoding one ends."""
+    engine = make_engine(
+        tiny_qwen_model, qwen_tokenizer, overlap=True, prefill_chunk=16, default_stop=()
+    )
+    decoding, prefilling = Future(), Future()
+    for future in (decoding, prefilling):
+        future.set_running_or_notify_cancel()
+    engine.admit(GenerationRequest(prompt="Go on", max_new_tokens=60, temperature=0), decoding)
+    for _ in range(3):
+        engine.step()
+    assert engine._in_flight is not None
+    long_prompt = list(range(1000, 1100))  # 100 tokens: 7 chunks of 16
+    engine.admit(
+        GenerationRequest(prompt="", prompt_ids=tuple(long_prompt), max_new_tokens=1), prefilling
+    )
+    steps = 0
+    while not prefilling.done():
+        engine.step()
+        steps += 1
+    assert steps <= 7 + 1 and not decoding.done()
+    assert prefilling.result().prompt_tokens == 100
+    while engine.busy:
+        engine.step()
+    assert decoding.result().new_tokens == 60 and engine.stats()["overlapped_steps"] > 0

@@ -300,8 +300,8 @@ class Engine:
         for it on the device, then land the step in flight while the device runs the new one.
 
         Not when the next step needs the host's decisions first: a request waits with room
-        to start or was cancelled, drafts are worth verifying, or a position lacks a cache
-        block and none is free. Then nothing is done: False. Those whose token in flight is
+        to start, is prefilling or was cancelled, drafts are worth verifying, or a position
+        lacks a cache block and none is free. Then nothing is done: False. Those whose token in flight is
         their last by length get no row; those that end otherwise (a stop, end-of-text) waste
         theirs."""
         flight, scheduler = self._in_flight, self.scheduler
@@ -309,6 +309,9 @@ class Engine:
             return False  # a request could start: in order
         if self._verify_next:
             return False
+        in_flight = {seq.key for seq in flight.seqs}
+        if any(seq.key not in in_flight for seq in scheduler.running):
+            return False  # one is prefilling, or starts decoding: in order, all together
         if any(seq.output.cancelled() for seq in flight.seqs):
             return False
         going = [
