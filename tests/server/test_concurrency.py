@@ -14,8 +14,9 @@ CLIENTS = 30
 
 
 @pytest.mark.slow
-def test_thirty_concurrent_clients_get_their_own_answers(tiny_qwen_model, qwen_tokenizer):
-    engine = make_engine(tiny_qwen_model, qwen_tokenizer, default_stop=())
+@pytest.mark.parametrize("overlap", [False, True])
+def test_thirty_concurrent_clients_get_their_own_answers(overlap, tiny_qwen_model, qwen_tokenizer):
+    engine = make_engine(tiny_qwen_model, qwen_tokenizer, default_stop=(), overlap=overlap)
     bodies = [
         {
             "prompt": f"Request number {i}: say something about {i * 7}",
@@ -41,3 +42,5 @@ def test_thirty_concurrent_clients_get_their_own_answers(tiny_qwen_model, qwen_t
         for a, b in zip(single["tokens"], got["tokens"], strict=True):
             assert b["logprob"] == pytest.approx(a["logprob"], abs=1e-4)
             assert b["top_logprob"].keys() == a["top_logprob"].keys()
+    # Overlapped (the GPU's default), the steps that decode alone run ahead of their recording.
+    assert (engine.stats()["overlapped_steps"] > 0) is overlap

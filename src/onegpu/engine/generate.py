@@ -11,8 +11,9 @@ A step is three moves (`Engine.step`):
   their result.
 On a GPU a plain decode step overlaps the next (`overlap`): its tokens stay on the device, the
 next step's pass is launched from them, and only then is the step recorded, while the device
-runs that pass. A step that needs the host's decisions first (a request to start or cancel, a
-draft to verify, a block to find) lands the step in flight and runs the three moves in order.
+runs that pass. A step that needs the host's decisions first (a request to start, prefill or
+cancel, a draft to verify, a block to find) lands the step in flight and runs the three moves in
+order.
 A failure in a pass fails the requests in it, not the engine; a GPU out-of-memory also makes the
 scheduler run fewer requests at once for a while.
 """
@@ -301,9 +302,9 @@ class Engine:
 
         Not when the next step needs the host's decisions first: a request waits with room
         to start, is prefilling or was cancelled, drafts are worth verifying, or a position
-        lacks a cache block and none is free. Then nothing is done: False. Those whose token in flight is
-        their last by length get no row; those that end otherwise (a stop, end-of-text) waste
-        theirs."""
+        lacks a cache block and none is free. Then nothing is done: False. Those whose token
+        in flight is their last by length get no row; those that end otherwise (a stop,
+        end-of-text) waste theirs."""
         flight, scheduler = self._in_flight, self.scheduler
         if scheduler.waiting and len(scheduler.running) < scheduler.batch_limit:
             return False  # a request could start: in order
@@ -320,7 +321,7 @@ class Engine:
             if not seq.output.future.done()
             and len(seq.output.scored) + 1 < seq.output.request.max_new_tokens
         ]
-        if not going or not all(self.scheduler.extend(seq) for _, seq in going):
+        if not going or not all(scheduler.extend(seq) for _, seq in going):
             return False
         seqs = [seq for _, seq in going]
         rows = [Row(seq.key, [index], seq.computed, seq.table) for index, seq in going]
@@ -336,7 +337,7 @@ class Engine:
             self.overlapped += 1
             for seq in seqs:
                 if not seq.output.future.done():  # its token in flight is in `ids` now
-                    self.scheduler.computed(seq, 1)
+                    scheduler.computed(seq, 1)
             self._in_flight = launched[0]
         self._verify_next = self._drafts_worth_verifying()
         return True
