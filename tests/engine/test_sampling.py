@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from onegpu.engine.sampling import pick, position_seed, request_seed, suppress, warp
-from onegpu.engine.scoring import choose
+from onegpu.engine.scoring import Scores, choose
 from onegpu.engine.types import GenerationRequest
 from tests.conftest import DEVICES
 
@@ -197,3 +197,26 @@ def test_a_choice_ahead_is_the_one_made_once_the_tokens_in_flight_are_recorded(
         assert len(draws) > 1
     else:
         assert (int(got[0]) == 0) is (scored + ahead >= min_new_tokens)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_choosing_and_scoring_a_step_never_waits_for_the_device():
+    """An overlapped step chooses and scores its tokens while the next pass is queued: any
+    wait for the device there (a list index copied to the GPU, a `.item()`) would idle it."""
+    rows = [
+        row(0.0, device="cuda"),
+        row(0.7, seed=1, scored=3, top_k=20, device="cuda"),
+        row(0.7, seed=2, top_k=20, device="cuda"),
+        row(1.3, seed=1, scored=3, top_p=0.9, device="cuda"),
+        row(0.0, min_new_tokens=3, device="cuda"),  # end-of-text suppressed
+    ]
+    logits = torch.randn(len(rows), 64, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # a synchronizing call raises
+    try:
+        chosen = choose(logits, rows, ahead=1)
+        scores = Scores(logits, chosen, 3)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [item.token_id for item in scores.read(str)] == chosen.tolist()

@@ -44,8 +44,9 @@ def choose(logits: torch.Tensor, outputs: Sequence[Output], *, ahead: int = 0) -
         if not request.greedy:
             warps.setdefault((request.temperature, request.top_k, request.top_p), []).append(i)
     for (temperature, top_k, top_p), rows in warps.items():
-        chosen[indices(rows, chosen.device)] = pick(
-            choice[rows],
+        index = indices(rows, chosen.device)  # a list index would wait for the queued passes
+        chosen[index] = pick(
+            choice[index],
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
