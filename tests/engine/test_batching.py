@@ -126,25 +126,32 @@ def test_echo_recomputes_the_whole_prompt(tiny_qwen_model, qwen_tokenizer):
     assert [t.logprob for t in first.tokens] == [t.logprob for t in second.tokens]
 
 
-def test_cancelling_one_request_leaves_the_others_untouched(tiny_qwen_model, qwen_tokenizer):
-    engine = tiny_engine(tiny_qwen_model, qwen_tokenizer, max_batch=3)
-    keep = GenerationRequest(prompt="The quick brown fox", max_new_tokens=10, temperature=0)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_cancelling_one_request_leaves_the_others_untouched(
+    overlap, tiny_qwen_model, qwen_tokenizer
+):
+    engine = tiny_engine(tiny_qwen_model, qwen_tokenizer, max_batch=3, overlap=overlap)
+    keep = GenerationRequest(prompt="The quick brown fox", max_new_tokens=12, temperature=0)
     expected = engine.generate(keep)
-    drop = GenerationRequest(prompt="Cancel me", max_new_tokens=10, temperature=0)
+    drop = GenerationRequest(prompt="Cancel me", max_new_tokens=12, temperature=0)
     kept, dropped = Future(), Future()
     for future in (kept, dropped):
         future.set_running_or_notify_cancel()
     cancel = {"now": False}
     engine.admit(keep, kept)
     engine.admit(drop, dropped, cancelled=lambda: cancel["now"])
-    engine.step()
+    for _ in range(4):  # the prefill, then decode steps (overlapped: one is in flight now)
+        engine.step()
+    assert (engine._in_flight is not None) is overlap
     cancel["now"] = True
     while not kept.done():
         engine.step()
     with pytest.raises(RequestCancelledError):
         dropped.result()
     assert_same(expected, kept.result())
-    assert engine.running == 0
+    while engine.busy:
+        engine.step()
+    assert engine.running == 0 and engine.pool.in_use == 0
 
 
 class OomOnceInBatch(ScriptedLM):

@@ -8,7 +8,7 @@ from concurrent.futures import Future
 import pytest
 
 from onegpu.engine.config import EngineConfig, overlap_for
-from onegpu.engine.types import GenerationRequest, RequestCancelledError
+from onegpu.engine.types import GenerationRequest
 from tests.conftest import DEVICES, make_engine
 from tests.engine.conftest import ScriptedLM
 from tests.engine.test_batching import REQUESTS, assert_same, run_interleaved
@@ -87,33 +87,6 @@ def test_an_overlapped_request_ends_where_its_own_tokens_say(
     assert engine.pool.in_use == 0
     again = engine.generate(request)  # the engine carries nothing over from the wasted step
     assert (again.text, again.token_ids) == (completion.text, completion.token_ids)
-
-
-def test_cancelling_a_request_with_a_step_in_flight_leaves_the_others_untouched(
-    tiny_qwen_model, qwen_tokenizer
-):
-    in_order, engine = engines(tiny_qwen_model, qwen_tokenizer, "cpu", max_batch=3)
-    keep = GenerationRequest(prompt="The quick brown fox", max_new_tokens=12, temperature=0)
-    expected = in_order.generate(keep)
-    drop = GenerationRequest(prompt="Cancel me", max_new_tokens=12, temperature=0)
-    kept, dropped = Future(), Future()
-    for future in (kept, dropped):
-        future.set_running_or_notify_cancel()
-    cancel = {"now": False}
-    engine.admit(keep, kept)
-    engine.admit(drop, dropped, cancelled=lambda: cancel["now"])
-    for _ in range(4):  # the prefill, then decode steps: one in flight now
-        engine.step()
-    assert engine._in_flight is not None and engine.stats()["overlapped_steps"] > 0
-    cancel["now"] = True
-    while not kept.done():
-        engine.step()
-    with pytest.raises(RequestCancelledError):
-        dropped.result()
-    assert_same(expected, kept.result())
-    while engine.busy:
-        engine.step()
-    assert engine.running == 0 and engine.pool.in_use == 0
 
 
 @pytest.mark.parametrize("cycle", [CYCLE, [9707, 1879, 11, 0]])
