@@ -6,8 +6,10 @@ from __future__ import annotations
 from concurrent.futures import Future
 
 import pytest
+import torch
 
 from onegpu.engine.config import EngineConfig, overlap_for
+from onegpu.engine.forward import _Inputs
 from onegpu.engine.types import GenerationRequest
 from tests.conftest import DEVICES, make_engine
 from tests.engine.conftest import ScriptedLM
@@ -29,6 +31,31 @@ MIX = [
 )
 def test_overlap_is_on_where_the_device_runs_beside_the_host(overlap, device_type, on):
     assert overlap_for(EngineConfig(overlap=overlap), device_type) is on
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("staged", "fed", "ids"),
+    [
+        ([2, 0, 7], 2, [30, 10, 7]),  # two rows fed from `chosen`, the third staged (padding)
+        ([1, 1], 2, [20, 20]),  # every row fed
+        ([5, 6], 0, [5, 6]),  # none fed: the staged tokens themselves
+    ],
+)
+def test_rows_fed_from_the_device_read_their_token_and_the_rest_their_staged_one(
+    device, staged, fed, ids
+):
+    inputs = _Inputs(rows=4, width=1, table_width=2, device=torch.device(device))
+    chosen = torch.tensor([10, 20, 30], device=device)
+    inputs.fill([[token, 9, 9, 10, 1, 2] for token in staged], chosen, fed=fed)
+    assert inputs.ids[: len(staged), 0].tolist() == ids
+    assert inputs.positions[: len(staged), 0].tolist() == [9] * len(staged)
+
+
+def test_only_a_pass_of_one_position_per_row_is_fed_from_the_device():
+    inputs = _Inputs(rows=2, width=3, table_width=1, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="one position"):
+        inputs.fill([[0] * 11], torch.tensor([1]), fed=1)
 
 
 def engines(model, tokenizer, device, **config):

@@ -149,8 +149,12 @@ class _Inputs:
             ]
         self._turn = 0
 
-    def fill(self, data: list[list[int]]) -> None:
-        """Stage `data` (one list per row, as laid out above) into the first len(data) rows."""
+    def fill(self, data: list[list[int]], chosen: torch.Tensor | None = None, fed: int = 0) -> None:
+        """Stage `data` (one list per row, as laid out above) into the first len(data) rows.
+
+        With `chosen` (token ids on the device, from a step not yet recorded), the first `fed`
+        rows (one position each) feed tokens from it: each one's staged token is its index into
+        `chosen`, gathered on the device straight into the pass's ids."""
         size, width = len(data), self.width
         staged = self.staged[:size]
         source = torch.tensor(data, dtype=torch.int64)
@@ -162,16 +166,20 @@ class _Inputs:
         staged.copy_(source, non_blocking=True)
         if self._host:
             copied.record()
-        self.ids[:size].copy_(staged[:, :width])
+        if chosen is None:
+            fed = 0
+        elif width != 1:
+            raise ValueError(
+                f"tokens chosen on the device feed passes of one position, not {width}"
+            )
+        else:
+            torch.index_select(chosen, 0, staged[:fed, 0], out=self.ids[:fed, 0])
+        if fed < size:
+            self.ids[fed:size].copy_(staged[fed:, :width])
         self.positions[:size].copy_(staged[:, width : 2 * width])
         self.slots[: size * width].copy_(staged[:, 2 * width : 3 * width].reshape(-1))
         self.lengths[:size].copy_(staged[:, 3 * width])
         self.tables[:size].copy_(staged[:, 3 * width + 1 :])
-
-    def feed(self, chosen: torch.Tensor, count: int) -> None:
-        """The first `count` rows feed tokens chosen on the device by a step not yet recorded:
-        each row's staged token is its index into `chosen` (one position per row)."""
-        self.ids[:count, 0] = chosen[self.staged[:count, 0]]
 
     def clear(self, size: int, null_slot: int, table: list[int]) -> None:
         """Padding rows in the first `size` rows (see `_padding`)."""
@@ -342,9 +350,7 @@ class Forward:
             )
         data += [_padding(width, null, self._padded([]))] * (size - count)
         inputs = self._inputs_for(width)
-        inputs.fill(data)
-        if chosen is not None:
-            inputs.feed(chosen, count)
+        inputs.fill(data, chosen, fed=count)
         if self.graphs:
             graph, logits = self._graphs[size, width]
             graph.replay()
