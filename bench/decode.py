@@ -16,7 +16,9 @@ writes them; see train_14b.py), or takes `--checkpoint`. Times, in one run on on
     `torch.compile(mode="reduce-overhead", fullgraph=True)` (gpt-fast's recipe), on the same
     shape with torchao's int8 weight-only Linear (`--peer torchao`, the default) or on the
     checkpoint's Marlin layers (`--peer marlin`); what a user would try instead;
-  - with --profile: torch profiler's kernels per decode step (one request), for every variant.
+  - with --profile: torch profiler's kernels per decode step, for every variant: one request of
+    128 tokens by default, or --profile-rows requests of --profile-length tokens sampled at
+    --profile-temperature (a summary-shaped step: 9 rows of 1,000 tokens at 0.3).
 Decode tokens/s excludes the prefill and first token. bound = bandwidth / bytes read per token
 (all weights except the embedding table, plus the KV cache of the context). Prints a table last and
 writes decode.json to $OUT (or ./bench-out).
@@ -167,21 +169,30 @@ def gpu_timeline(intervals: list[tuple[float, float]], steps: int) -> dict:
     }
 
 
-def profile_decode(engine, prompt: str, steps: int = 16) -> dict:
-    """One request decoding: wall time per step, and the profiler's kernels per step."""
+def profile_decode(
+    engine, prompt: str, rows: int = 1, temperature: float = 0.0, steps: int = 16
+) -> dict:
+    """`rows` requests decoding together: wall time per step, and the profiler's kernels per
+    step."""
     from concurrent.futures import Future
 
     from torch.profiler import ProfilerActivity, profile
 
     from onegpu.engine.types import GenerationRequest
 
-    request = GenerationRequest(
-        prompt=prompt, max_new_tokens=3 * steps, min_new_tokens=3 * steps, temperature=0.0
-    )
-    future: Future = Future()
-    future.set_running_or_notify_cancel()
-    engine.admit(request, future)
-    while not engine.scheduler.running or engine.scheduler.running[0].prefilling:
+    for i in range(rows):
+        request = GenerationRequest(
+            prompt=f"{i} {prompt}" if rows > 1 else prompt,
+            max_new_tokens=3 * steps,
+            min_new_tokens=3 * steps,
+            temperature=temperature,
+            seed=i,
+        )
+        future: Future = Future()
+        future.set_running_or_notify_cancel()
+        engine.admit(request, future)
+    scheduler = engine.scheduler
+    while len(scheduler.running) < rows or any(s.prefilling for s in scheduler.running):
         engine.step()
     for _ in range(4):
         engine.step()
@@ -434,7 +445,10 @@ def variant_child(args) -> int:
         }
     result = {"weight_bytes": weights, "rows": rows, "load_s": load_s}
     if args.profile:
-        result["profile"] = profile_decode(engine, prompt_of(tokenizer_of(engine), 128, seed=128))
+        prompt = prompt_of(tokenizer_of(engine), args.profile_length, seed=args.profile_length)
+        result["profile"] = profile_decode(
+            engine, prompt, rows=args.profile_rows, temperature=args.profile_temperature
+        ) | {"rows": args.profile_rows, "prompt_tokens": args.profile_length}
     result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     Path(args.child_out).write_text(json.dumps(result))
     return 0
@@ -447,6 +461,9 @@ def main() -> int:
     parser.add_argument("--batches", default="1,2,4,8,16", help="rows decoding together")
     parser.add_argument("--variants", default="fused,unfused", help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--profile", action="store_true", help="top kernels per decode step")
+    parser.add_argument("--profile-rows", type=int, default=1, help="requests in profiled steps")
+    parser.add_argument("--profile-length", type=int, default=128, help="their prompt tokens")
+    parser.add_argument("--profile-temperature", type=float, default=0.0)
     parser.add_argument("--no-transformers", action="store_true", help="skip generate() + peer")
     parser.add_argument("--peer-timeout", type=int, default=300)
     parser.add_argument(
@@ -493,7 +510,9 @@ def main() -> int:
         for name in filter(None, args.variants.split(",")):  # "": the peer alone
             role = ["--variant-child", name, "--bandwidth", str(bandwidth)]
             if args.profile:
-                role.append("--profile")
+                role += ["--profile", "--profile-rows", str(args.profile_rows)]
+                role += ["--profile-length", str(args.profile_length)]
+                role += ["--profile-temperature", str(args.profile_temperature)]
             measured = run_child(
                 args, role, folder, out / f"decode-{name}.json", args.variant_timeout
             )
@@ -551,8 +570,9 @@ def print_table(result: dict) -> None:
             - profile["busy_ms_per_step"]
             - profile["between_kernels_ms_per_step"]
         )
+        shape = f"{profile.get('rows', 1)} x {profile.get('prompt_tokens', 128)} tokens"
         print(
-            f"\nprofile ({name}, 1 request): {profile['wall_ms_per_step']:.2f} ms/step wall, "
+            f"\nprofile ({name}, {shape}): {profile['wall_ms_per_step']:.2f} ms/step wall, "
             f"{profile['kernel_ms_per_step']:.2f} ms of kernels, "
             f"{profile['launches_per_step']:.0f} kernels per step; GPU busy "
             f"{profile['busy_ms_per_step']:.2f} ms, idle between kernels "

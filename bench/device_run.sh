@@ -11,6 +11,9 @@
 #                                     # rows, overlapped (the default) and in order, profiled
 #   bash bench/device_run.sh overlapmix # CUDA tests but GPTQ and dense; helm_mix overlapped (the
 #                                       # default), then in order; batch 1 overlapped, in order
+#   bash bench/device_run.sh overlapsum # `overlap`, then a summary-shaped step profiled (9 rows
+#                                       # of 1,000 tokens sampled at 0.3), overlapped and in order
+#   bash bench/device_run.sh mixonly  # helm_mix overlapped and in order, batch 1 both ways (no tests)
 #   bash bench/device_run.sh timeline # batch 1 profiled: kernels, pauses inside and between passes
 #   bash bench/device_run.sh mix      # helm_mix: this tree, then the tree in .old/src (before)
 #   bash bench/device_run.sh speed    # generate() baselines, decode.py
@@ -174,14 +177,35 @@ for phase in "$@"; do
         batch1 60
         batch1_prev 60
         ;;
-    overlap)  # about 500 s on a fresh machine: every CUDA test of the engine (the GPTQ ones wait
-        # for Marlin's build), then decode.py overlapped and in order, one call
+    overlap | overlapsum)  # about 400 s (overlapsum: 550 s) on a fresh machine: every CUDA test
+        # of the engine (the GPTQ ones wait for Marlin's build), then decode.py overlapped and in
+        # order, one call
         checkpoint_start
         step cuda-tests 300 python3 -m pytest tests/engine -m cuda -q -p no:cacheprovider
         checkpoint_join
         wait_marlin
         step decode 220 python3 bench/decode.py --prompt-lengths 128 --variants fused,in-order \
             --batches 1,4,16 --profile --no-transformers --variant-timeout 105 \
+            --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
+        if [ "$phase" = overlapsum ]; then
+            mkdir -p "$OUT/summary"
+            step decode-summary 150 python3 bench/decode.py --prompt-lengths 1000 --batches 9 \
+                --new-tokens 32 --variants fused,in-order --profile --profile-rows 9 \
+                --profile-length 1000 --profile-temperature 0.3 --no-transformers \
+                --variant-timeout 72 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT/summary"
+        fi
+        ;;
+    mixonly)  # about 330 s with a carried Marlin build: helm_mix overlapped (the default) and in
+        # order, then batch 1 overlapped and in order
+        checkpoint_start
+        checkpoint_join
+        wait_marlin
+        step mix-after 130 python3 bench/helm_mix.py --label after --orders helm --baseline-samples 0 \
+            --checkpoint "$CKPT" --out "$OUT"
+        step mix-in-order 130 python3 bench/helm_mix.py --label in-order --orders helm \
+            --baseline-samples 0 --engine-args '{"overlap": false}' --checkpoint "$CKPT" --out "$OUT"
+        step decode 100 python3 bench/decode.py --prompt-lengths 128 --variants fused,in-order \
+            --batches 1 --profile --no-transformers --variant-timeout 48 \
             --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
         ;;
     overlapmix)  # about 550 s on a fresh machine: the CUDA tests but the GPTQ and dense ones
