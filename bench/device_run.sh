@@ -12,7 +12,7 @@
 #   bash bench/device_run.sh overlapmix # CUDA tests but GPTQ and dense; helm_mix overlapped (the
 #                                       # default), then in order; batch 1 overlapped, in order
 #   bash bench/device_run.sh overlapsum # `overlap`, then a summary-shaped step profiled (9 rows
-#                                       # of 1,000 tokens sampled at 0.3), overlapped and in order
+#                                       # of 1,000 tokens sampled at 0.3), default and split4
 #   bash bench/device_run.sh mixonly  # helm_mix overlapped and in order, batch 1 both ways (no tests)
 #   bash bench/device_run.sh timeline # batch 1 profiled: kernels, pauses inside and between passes
 #   bash bench/device_run.sh mix      # helm_mix: this tree, then the tree in .old/src (before)
@@ -190,7 +190,7 @@ for phase in "$@"; do
         if [ "$phase" = overlapsum ]; then
             mkdir -p "$OUT/summary"
             step decode-summary 150 python3 bench/decode.py --prompt-lengths 1000 --batches 9 \
-                --new-tokens 32 --variants fused,in-order --profile --profile-rows 9 \
+                --new-tokens 32 --variants fused,split4 --profile --profile-rows 9 \
                 --profile-length 1000 --profile-temperature 0.3 --no-transformers \
                 --variant-timeout 72 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT/summary"
         fi
