@@ -189,7 +189,7 @@ for phase in "$@"; do
             --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
         if [ "$phase" = overlapsum ]; then
             mkdir -p "$OUT/summary"
-            step decode-summary 150 python3 bench/decode.py --prompt-lengths 1000 --batches 9 \
+            step decode-summary 150 python3 bench/decode.py --prompt-lengths 1000 --batches 1 \
                 --new-tokens 32 --variants fused,split4 --profile --profile-rows 9 \
                 --profile-length 1000 --profile-temperature 0.3 --no-transformers \
                 --variant-timeout 72 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT/summary"
