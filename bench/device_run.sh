@@ -195,23 +195,11 @@ for phase in "$@"; do
                 --variant-timeout 72 --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT/summary"
         fi
         ;;
-    mixonly)  # about 330 s with a carried Marlin build: helm_mix overlapped (the default) and in
-        # order, then batch 1 overlapped and in order
+    overlapmix | mixonly)  # overlapmix: about 550 s on a fresh machine, the CUDA tests but the
+        # GPTQ and dense ones (beside Marlin's build); then (mixonly: all of it, 220 s on a warm
+        # machine) helm_mix overlapped (the default) and in order, then batch 1 both ways
         checkpoint_start
-        checkpoint_join
-        wait_marlin
-        step mix-after 130 python3 bench/helm_mix.py --label after --orders helm --baseline-samples 0 \
-            --checkpoint "$CKPT" --out "$OUT"
-        step mix-in-order 130 python3 bench/helm_mix.py --label in-order --orders helm \
-            --baseline-samples 0 --engine-args '{"overlap": false}' --checkpoint "$CKPT" --out "$OUT"
-        step decode 100 python3 bench/decode.py --prompt-lengths 128 --variants fused,in-order \
-            --batches 1 --profile --no-transformers --variant-timeout 48 \
-            --checkpoint "$CKPT/gptq8-qwen14b" --out "$OUT"
-        ;;
-    overlapmix)  # about 550 s on a fresh machine: the CUDA tests but the GPTQ and dense ones
-        # (beside Marlin's build), helm_mix overlapped (the default) and in order, then batch 1
-        checkpoint_start
-        marlin_free_tests 150
+        [ "$phase" = overlapmix ] && marlin_free_tests 150
         checkpoint_join
         wait_marlin
         step mix-after 130 python3 bench/helm_mix.py --label after --orders helm --baseline-samples 0 \
