@@ -45,11 +45,14 @@ def gumbel(
 ) -> torch.Tensor:
     """Gumbel noise [len(draws), vocab] on the generator's device: row i for new token `index`
     of a request drawn with `seed`, (seed, index) = draws[i], and depending on that pair alone."""
-    rows = []
-    for seed, index in draws:
+    # One buffer, drawn into row by row and transformed in place: on a CPU, a 152k-token
+    # vocabulary's temporaries (one per row, their stack, each step of the transform) cost more
+    # than the draws (9 rows on 2 cores: 28 ms -> 8 to 14), and the values are the same.
+    noise = torch.empty(len(draws), vocab, device=generator.device)
+    for row, (seed, index) in zip(noise, draws, strict=True):
         generator.manual_seed(position_seed(seed, index))
-        rows.append(torch.rand(vocab, generator=generator, device=generator.device))
-    return -torch.log(-torch.log(torch.stack(rows)))  # u = 0 gives -inf: never drawn
+        torch.rand(vocab, generator=generator, out=row)
+    return noise.log_().neg_().log_().neg_()  # -log(-log(u)); u = 0 gives -inf: never drawn
 
 
 def indices(values: Sequence[int], device: torch.device) -> torch.Tensor:
