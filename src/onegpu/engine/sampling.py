@@ -45,9 +45,9 @@ def gumbel(
 ) -> torch.Tensor:
     """Gumbel noise [len(draws), vocab] on the generator's device: row i for new token `index`
     of a request drawn with `seed`, (seed, index) = draws[i], and depending on that pair alone."""
-    # One buffer, drawn into row by row and transformed in place: on a CPU, a 152k-token
-    # vocabulary's temporaries (one per row, their stack, each step of the transform) cost more
-    # than the draws (9 rows on 2 cores: 28 ms -> 8 to 14), and the values are the same.
+    # One buffer, drawn into row by row and transformed in place: the same values without a
+    # tensor per row, their stack and the transform's temporaries (9 rows of a 152k-token
+    # vocabulary on 2 CPU cores: 7.4-8.5 -> 5.8-6.4 ms, bench/sampling_cost.py).
     noise = torch.empty(len(draws), vocab, device=generator.device)
     for row, (seed, index) in zip(noise, draws, strict=True):
         generator.manual_seed(position_seed(seed, index))
